@@ -1,0 +1,18 @@
+"""Quantization algorithms. Each is one module that registers itself in ``base.REGISTRY``;
+adding a method means adding a module here and naming it in ``_MODULES``."""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import REGISTRY, Algorithm, make_algorithm, register
+
+_MODULES = ("rtn",)
+
+
+def load_all() -> None:
+    for m in _MODULES:
+        importlib.import_module(f"{__name__}.{m}")
+
+
+__all__ = ["REGISTRY", "Algorithm", "load_all", "make_algorithm", "register"]

@@ -1,0 +1,26 @@
+"""Round-to-nearest (RTN): each weight goes to the nearest point of its group's grid.
+
+The baseline every other method is measured against. It needs no calibration data for
+weights; with static activation quantization the runner still feeds calibration inputs
+to the activation observers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..config import WeightSpec
+from ..formats.weights import QuantizedWeight, quantize_weight
+from .base import Algorithm, register
+
+
+@register
+class RTN(Algorithm):
+    name = "rtn"
+    summary = "round-to-nearest weights (any bits/group size), optional W8A8 activation fake-quant"
+    needs_weights = False
+
+    def solve(self, name: str, module: nn.Module, spec: WeightSpec, stats: Any) -> QuantizedWeight:
+        return quantize_weight(module.weight, spec, name=name)

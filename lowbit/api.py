@@ -1,0 +1,171 @@
+"""The Python API; the CLI is a thin layer over these functions.
+
+    import lowbit
+    model, tok, info = lowbit.load("smollm2-135m")
+    evals, calib = lowbit.prepare_windows(tok)
+    report = lowbit.quantize(model, lowbit.QuantConfig(method="rtn", weight=lowbit.WeightSpec(bits=4)), calib)
+    result = lowbit.evaluate(model, evals)
+    lowbit.save(model, tok, "out", report)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .algorithms import make_algorithm
+from .cache import cache_dir, text_hash
+from .calibration.data import Protocol, bos_id_for, calib_windows, eval_windows, split_windows, tokenize
+from .calibration.text import read_text
+from .config import QuantConfig
+from .errors import LowbitError
+from .evaluation.metrics import EvalResult, Reference, evaluate
+from .export.checkpoint import load_checkpoint, quant_layers, save_checkpoint
+from .formats.memory import weight_storage
+from .models.loader import is_lowbit_checkpoint, load_model
+from .runner import run_blocks
+
+log = logging.getLogger(__name__)
+
+
+def progress_bar(desc: str, enabled: bool = True) -> Callable | None:
+    """A function that wraps an iterable in a tqdm bar labelled ``desc`` (None if disabled)."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return lambda it: tqdm(it, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+
+
+@dataclass
+class QuantReport:
+    """What a quantization run did, layer by layer."""
+
+    config: dict
+    layers: list[dict]
+    seconds: float
+    storage: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load(spec: str):
+    """(model, tokenizer, info) for a model spec or a lowbit checkpoint folder.
+
+    info["source"] describes the unquantized model (for checkpoints: the one it was made
+    from); info["checkpoint"] holds the checkpoint's metadata when MODEL is one."""
+    if is_lowbit_checkpoint(Path(spec)):
+        model, tokenizer, meta = load_checkpoint(spec)
+        return model, tokenizer, {"source": meta.get("source", {}), "checkpoint": meta}
+    model, tokenizer, source = load_model(spec)
+    return model, tokenizer, {"source": source.to_dict(), "checkpoint": None}
+
+
+def prepare_windows(tokenizer, protocol: Protocol = Protocol(), data: str | None = None, calib: str | None = None):
+    """(evaluation windows, calibration windows) under the protocol.
+
+    data/calib: None for the embedded Wikipedia text, or a text file or folder. When both
+    come from the same text, evaluation takes its start and calibration its end, disjoint.
+    """
+    bos = bos_id_for(tokenizer, protocol)
+    ids = tokenize(tokenizer, read_text(data))
+    what = f"text {data or 'wikipedia'}"
+    if calib is None or calib == data:
+        return split_windows(ids, protocol, bos, what)
+    cal_ids = tokenize(tokenizer, read_text(calib))
+    return eval_windows(ids, protocol, bos, what), calib_windows(cal_ids, protocol, bos, f"calibration text {calib}")
+
+
+def quantize(
+    model: torch.nn.Module,
+    config: QuantConfig,
+    calib: torch.Tensor | None = None,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> QuantReport:
+    """Quantize ``model`` in place under ``config``; the one verb of lowbit.
+
+    calib: calibration windows [n, seq_len]; required by methods that look at data.
+    """
+    algo = make_algorithm(config)
+    needs = algo.uses_calibration()
+    if needs and calib is None:
+        raise LowbitError(f"{config.describe()} needs calibration data")
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    contexts = run_blocks(
+        model,
+        algo.quantize_block,
+        calib if needs else None,
+        batch_size=batch_size,
+        progress=progress_bar(f"quantize {config.method}", progress),
+    )
+    seconds = time.perf_counter() - start
+    layers = [r for ctx in contexts for r in ctx.records.values()]
+    report = QuantReport(config=config.to_dict(), layers=layers, seconds=seconds, storage=storage_summary(model))
+    model.lowbit_config = config
+    return report
+
+
+def storage_summary(model: torch.nn.Module) -> dict[str, Any]:
+    """Bytes of the quantized layers as stored, and of everything else in float32."""
+    qbytes = qweights = 0
+    for m in quant_layers(model).values():
+        if m.wspec is None:
+            continue
+        st = weight_storage(m.out_features, m.in_features, m.wspec, stores_g_idx=False)
+        qbytes += st.total
+        qweights += st.n_weights
+    return {
+        "quantized_weights": qweights,
+        "quantized_bytes": qbytes,
+        "bits_per_weight": 8 * qbytes / qweights if qweights else None,
+    }
+
+
+def windows_key(windows: torch.Tensor) -> str:
+    return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def reference_folder(fingerprint: str, windows: torch.Tensor, protocol: Protocol) -> Path:
+    return cache_dir("reference") / text_hash(fingerprint, windows_key(windows), protocol.to_dict())
+
+
+def reference_for(model, fingerprint: str, windows: torch.Tensor, protocol: Protocol, progress: bool = True) -> tuple[Reference, EvalResult]:
+    """The cached reference of an unquantized model, recording it (one evaluation) if new."""
+    folder = reference_folder(fingerprint, windows, protocol)
+    if not Reference.exists(folder):
+        evaluate(
+            model,
+            windows,
+            record_to=folder,
+            record_meta={"fingerprint": fingerprint, "protocol": protocol.to_dict()},
+            protocol=protocol.to_dict(),
+            progress=progress_bar("evaluate unquantized", progress),
+        )
+    ref = Reference(folder)
+    return ref, EvalResult(**ref.meta["result"])
+
+
+def evaluate_model(model, windows: torch.Tensor, protocol: Protocol, reference: Reference | None = None, progress: bool = True, desc: str = "evaluate") -> EvalResult:
+    return evaluate(model, windows, reference=reference, protocol=protocol.to_dict(), progress=progress_bar(desc, progress))
+
+
+def save(model, tokenizer, out: str | Path, report: QuantReport, source: dict | None = None, results: dict | None = None, write_more=None) -> Path:
+    """Save a quantized model as a lowbit checkpoint (see lowbit.export.checkpoint)."""
+    config = getattr(model, "lowbit_config", None)
+    if config is None:
+        raise LowbitError("the model was not quantized by lowbit.quantize; nothing to save")
+    extra = {"report": {"seconds": report.seconds, "storage": report.storage}}
+    if results:
+        extra["results"] = results
+    return save_checkpoint(model, tokenizer, out, config, source=source, extra=extra, write_more=write_more)

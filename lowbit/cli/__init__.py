@@ -1,0 +1,5 @@
+"""Command line interface (``lowbit``)."""
+
+from .main import app, run
+
+__all__ = ["app", "run"]

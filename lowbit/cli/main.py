@@ -1,0 +1,360 @@
+"""The ``lowbit`` command line: quantize, eval, inspect, memory, methods.
+
+Every command turns a LowbitError into one line on stderr (``error: ...``) and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import LowbitError
+
+app = typer.Typer(
+    help="lowbit: quantize a causal LM, measure it against the original under one protocol, save it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2):
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LowbitError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written", 130)
+
+    return wrapper
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="lowbit: %(message)s")
+    logging.getLogger("lowbit").setLevel(logging.INFO)
+
+
+# --- option parsing ---------------------------------------------------------------------
+
+
+def parse_group_size(text: str) -> int | None:
+    t = text.strip().lower()
+    if t in ("channel", "0", "-1", "none"):
+        return None
+    try:
+        v = int(t)
+    except ValueError:
+        raise LowbitError(f"--group-size must be a positive integer or 'channel', got {text!r}") from None
+    if v <= 0:
+        raise LowbitError(f"--group-size must be a positive integer or 'channel', got {text!r}")
+    return v
+
+
+def _value(text: str):
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "channel"):
+        return None
+    return text
+
+
+def parse_assignments(items: list[str], what: str) -> dict:
+    """['a=1', 'b=x'] -> {'a': 1, 'b': 'x'}."""
+    result = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise LowbitError(f"{what} must look like key=value, got {item!r}")
+        result[key.strip().replace("-", "_")] = _value(val.strip())
+    return result
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['*.down_proj:bits=8,group_size=128'] -> {'*.down_proj': {'bits': 8, 'group_size': 128}}."""
+    result = {}
+    for item in items:
+        pattern, sep, rest = item.partition(":")
+        if not sep or not pattern:
+            raise LowbitError(f"--override must look like PATTERN:field=value[,field=value], got {item!r}")
+        result[pattern] = parse_assignments([p for p in rest.split(",") if p], "--override")
+    return result
+
+
+# --- commands -----------------------------------------------------------------------------
+
+ModelArg = Annotated[str, typer.Argument(help="Embedded model name (smollm2-135m), a local .gguf file, a Hugging Face folder, or a hub id.")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="Evaluation text: a .txt/.md file or a folder of them. Default: the embedded Wikipedia articles.")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per evaluation window (protocol default 512).")]
+WindowsOpt = Annotated[int, typer.Option("--windows", help="Number of evaluation windows from the start of the text (protocol default 20).")]
+BosOpt = Annotated[str, typer.Option("--bos", help="BOS at the start of each window: auto (as the tokenizer does), always, never.")]
+
+
+@app.command()
+@handle_errors
+def quantize(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint folder to write (created; replaced only if it is a lowbit checkpoint).")],
+    method: Annotated[str, typer.Option("--method", "-m", help="Algorithm; `lowbit methods` lists them.")] = "rtn",
+    bits: Annotated[int, typer.Option("--bits", "-b", help="Weight bits, 2 to 8.")] = 4,
+    group_size: Annotated[str, typer.Option("--group-size", "-g", help="Input columns per scale; 'channel' for one scale per output row. A size that does not divide a layer's width leaves the last group narrower (see --strict-groups).")] = "64",
+    asym: Annotated[bool, typer.Option("--asym/--sym", help="Asymmetric weights (zero point per group) or symmetric.")] = False,
+    restricted: Annotated[bool, typer.Option("--restricted", help="Symmetric grid without the most negative code (e.g. int8 in [-127, 127]).")] = False,
+    observer: Annotated[str, typer.Option("--observer", help="Weight range: minmax, or mse (search the clipping ratio per group).")] = "minmax",
+    scale_dtype: Annotated[str, typer.Option("--scale-dtype", help="Storage dtype of weight scales: float16, bfloat16, float32.")] = "float16",
+    strict_groups: Annotated[bool, typer.Option("--strict-groups", help="Fail when the group size does not divide a layer's input width.")] = False,
+    no_weights: Annotated[bool, typer.Option("--no-weights", help="Keep weights in float32 and quantize only activations (needs --act-bits).")] = False,
+    act_bits: Annotated[int, typer.Option("--act-bits", help="Activation bits for the input of every quantized Linear; 0 leaves activations in float.")] = 0,
+    act: Annotated[str, typer.Option("--act", help="Activation scales: 'dynamic' (computed per input at run time) or 'static' (fixed from calibration data).")] = "dynamic",
+    act_granularity: Annotated[str, typer.Option("--act-granularity", help="token (one scale per token; dynamic only) or tensor.")] = "token",
+    act_observer: Annotated[str, typer.Option("--act-observer", help="Static range calibration: minmax, percentile, mse, kl.")] = "minmax",
+    percentile: Annotated[float, typer.Option("--percentile", help="Percentile kept by the percentile observer.")] = 99.99,
+    act_asym: Annotated[bool, typer.Option("--act-asym", help="Asymmetric activations (zero point).")] = False,
+    ignore: Annotated[list[str], typer.Option("--ignore", help="Leave Linear layers matching this pattern in float (fnmatch, or re:REGEX). Repeatable.")] = [],
+    override: Annotated[list[str], typer.Option("--override", help="Per-layer weight format: PATTERN:bits=8,group_size=128. Repeatable; first match wins.")] = [],
+    option: Annotated[list[str], typer.Option("--option", help="Method option key=value (see `lowbit methods`). Repeatable.")] = [],
+    data: DataOpt = None,
+    calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration text (file or folder). Default: the end of the evaluation text, disjoint from it.")] = None,
+    n_calib: Annotated[int, typer.Option("--n-calib", help="Calibration windows.")] = 32,
+    calib_len: Annotated[int, typer.Option("--calib-len", help="Tokens per calibration window.")] = 512,
+    seq_len: SeqLenOpt = 512,
+    windows: WindowsOpt = 20,
+    bos: BosOpt = "auto",
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Measure the original and the quantized model under the protocol.")] = True,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward pass.")] = 8,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for everything random.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Quantize MODEL and write a checkpoint; with --eval (default), also measure the
+    original and the quantized model under the fixed protocol and save eval.json, report.json
+    and layers.png beside it."""
+    from .. import api
+    from ..calibration.data import Protocol
+    from ..config import ActSpec, QuantConfig, WeightSpec
+    from ..evaluation.plots import plot_layer_errors
+
+    weight = None if no_weights else WeightSpec(
+        bits=bits, group_size=parse_group_size(group_size), symmetric=not asym, restricted=restricted,
+        observer=observer, scale_dtype=scale_dtype, strict_groups=strict_groups,
+    )
+    if act not in ("dynamic", "static"):
+        raise LowbitError(f"--act must be dynamic or static, got {act!r}")
+    aspec = None
+    if act_bits:
+        aspec = ActSpec(bits=act_bits, dynamic=act == "dynamic", granularity=act_granularity, symmetric=not act_asym,
+                        observer=act_observer, percentile=percentile)
+    config = QuantConfig(method=method, weight=weight, act=aspec, ignore=tuple(ignore), overrides=parse_overrides(override),
+                         options=parse_assignments(option, "--option"), seed=seed)
+    protocol = Protocol(seq_len=seq_len, n_windows=windows, n_calib=n_calib, calib_len=calib_len, bos=bos)
+    api.make_algorithm(config)  # validate method and options before the slow part
+
+    t0 = time.perf_counter()
+    out.print(f"[bold]lowbit[/] {config.describe()} on {model}")
+    m, tok, info = api.load(model)
+    if info["checkpoint"] is not None:
+        raise LowbitError(f"{model} is already a quantized lowbit checkpoint; quantize its source model instead")
+    source = info["source"]
+    eval_w, calib_w = api.prepare_windows(tok, protocol, data, calib)
+    results = {}
+    reference = None
+    if evaluate:
+        reference, fp = api.reference_for(m, source["fingerprint"], eval_w, protocol, progress=not quiet)
+        results["original"] = fp.to_dict()
+    report = api.quantize(m, config, calib_w, batch_size=batch_size, progress=not quiet)
+    if evaluate:
+        q = api.evaluate_model(m, eval_w, protocol, reference, progress=not quiet, desc="evaluate quantized")
+        results["quantized"] = q.to_dict()
+    total = time.perf_counter() - t0
+
+    def write_more(folder: Path) -> None:
+        (folder / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
+        if results:
+            (folder / "eval.json").write_text(json.dumps({"model": model, "config": config.to_dict(), **results}, indent=1))
+        title = f"{model}: {config.describe()}"
+        if results:
+            title += f" | ppl {results['original']['ppl']:.2f} -> {results['quantized']['ppl']:.2f}"
+        plot_layer_errors(report.layers, folder / "layers.png", title)
+
+    api.save(m, tok, output, report, source=source, results=results or None, write_more=write_more)
+    _print_summary(model, config, report, results, output, total)
+
+
+def _print_summary(model: str, config, report, results: dict, output: Path, total: float) -> None:
+    t = Table(title=f"{model} — {config.describe()}", show_header=True, header_style="bold")
+    for col in ("model", "perplexity", "Δ ppl", "KL (nats)", "top-1 agree", "weights"):
+        t.add_column(col, justify="right" if col != "model" else "left")
+    st = report.storage
+    bpw = f"{st['bits_per_weight']:.2f} bits/weight" if st.get("bits_per_weight") else "float"
+    if results:
+        o, q = results["original"], results["quantized"]
+        t.add_row("original", f"{o['ppl']:.3f}", "", "", "", "32 bits/weight")
+        dp = 100 * (q["ppl"] / o["ppl"] - 1)
+        t.add_row("quantized", f"{q['ppl']:.3f}", f"{dp:+.2f}%", f"{q['kl']:.4f}", f"{100 * q['top1']:.2f}%", bpw)
+        out.print(t)
+    else:
+        out.print(f"quantized layers stored at {bpw}")
+    out.print(f"quantization {report.seconds:.1f} s, total {total:.1f} s; wrote {output}/")
+
+
+@app.command("eval")
+@handle_errors
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="A model (as for quantize) or a lowbit checkpoint folder.")],
+    data: DataOpt = None,
+    seq_len: SeqLenOpt = 512,
+    windows: WindowsOpt = 20,
+    bos: BosOpt = "auto",
+    reference: Annotated[bool, typer.Option("--reference/--no-reference", help="Compare against the unquantized model (KL, top-1): for a checkpoint, its source model, loaded if its reference is not cached.")] = True,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result to this JSON file.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Measure perplexity (and KL / top-1 agreement against the original) under the protocol."""
+    from .. import api
+    from ..calibration.data import Protocol
+    from ..models.loader import resolve
+
+    protocol = Protocol(seq_len=seq_len, n_windows=windows, n_calib=1, calib_len=2, bos=bos)
+    m, tok, info = api.load(model)
+    from ..calibration.data import bos_id_for, eval_windows, tokenize
+    from ..calibration.text import read_text
+
+    w = eval_windows(tokenize(tok, read_text(data)), protocol, bos_id_for(tok, protocol), f"text {data or 'wikipedia'}")
+    src = info["source"]
+    result: dict = {"model": model, "protocol": protocol.to_dict()}
+    ref = None
+    if info["checkpoint"] is None:
+        if reference:
+            ref, fp = api.reference_for(m, src["fingerprint"], w, protocol, progress=not quiet)
+            result["result"] = fp.to_dict()
+        else:
+            result["result"] = api.evaluate_model(m, w, protocol, progress=not quiet).to_dict()
+    else:
+        if reference:
+            folder = api.reference_folder(src.get("fingerprint", ""), w, protocol)
+            if api.Reference.exists(folder):
+                ref = api.Reference(folder)
+            else:
+                try:
+                    now = resolve(src["spec"])
+                except (LowbitError, KeyError):
+                    now = None
+                if now is None or now.fingerprint != src.get("fingerprint"):
+                    err.print(f"note: source model {src.get('spec')!r} is not available unchanged; reporting perplexity only")
+                else:
+                    base, _, _ = api.load(src["spec"])
+                    ref, _ = api.reference_for(base, src["fingerprint"], w, protocol, progress=not quiet)
+                    del base
+            if ref is not None:
+                result["original"] = ref.meta["result"]
+        result["result"] = api.evaluate_model(m, w, protocol, ref, progress=not quiet).to_dict()
+    r = result["result"]
+    line = f"perplexity {r['ppl']:.3f} over {r['n_tokens']} tokens"
+    if r.get("kl") is not None:
+        line += f"; KL {r['kl']:.4f} nats; top-1 agreement {100 * r['top1']:.2f}%"
+        if "original" in result:
+            line += f" (original perplexity {result['original']['ppl']:.3f})"
+    out.print(line)
+    if json_out is not None:
+        from ..cache import atomic_path
+
+        with atomic_path(json_out) as tmp:
+            tmp.write_text(json.dumps(result, indent=1))
+
+
+@app.command()
+@handle_errors
+def inspect(checkpoint: Annotated[Path, typer.Argument(help="A lowbit checkpoint folder.")]) -> None:
+    """List a checkpoint's layers, formats and sizes (read from the file, nothing loaded)."""
+    from ..export.inspect import inspect_checkpoint
+
+    info = inspect_checkpoint(checkpoint)
+    t = Table(title=str(checkpoint), header_style="bold")
+    for col in ("layer", "shape", "format", "bytes", "bits/weight"):
+        t.add_column(col, justify="left" if col in ("layer", "format") else "right")
+    for row in info["layers"]:
+        t.add_row(row["layer"], "x".join(map(str, row["shape"])), row["format"], f"{row['bytes']:,}", f"{row['bits_per_weight']:.3f}")
+    out.print(t)
+    s = info["summary"]
+    out.print(
+        f"{s['n_quantized']} quantized layers, {s['quantized_bits_per_weight']:.3f} bits/weight in them; "
+        f"file {s['file_bytes']:,} bytes ({s['file_bits_per_param']:.2f} bits/parameter over {s['n_params']:,} parameters)"
+    )
+    if s.get("config"):
+        out.print(f"config: {s['config']}")
+
+
+@app.command()
+@handle_errors
+def memory(
+    what: Annotated[str, typer.Argument(help="A parameter count (70B, 135M, 7e9), a model, or a lowbit checkpoint.")] = "70B",
+    formats: Annotated[list[str], typer.Option("--format", "-f", help="Formats to list: fp32, fp16, bf16, int8, int4-g64, ... Repeatable.")] = [],
+) -> None:
+    """Memory needed to hold a model's parameters in each format (decimal GB)."""
+    from ..formats.memory import human_bytes, model_bytes, parse_count
+    from ..models.count import count_parameters
+
+    fmts = formats or ["fp32", "fp16", "bf16", "int8", "int4-g128", "int4-g64", "int3-g64", "int2-g64"]
+    try:
+        n = parse_count(what)
+        label = f"{what} parameters"
+    except LowbitError:
+        n, label = count_parameters(what)
+    t = Table(title=label, header_style="bold")
+    t.add_column("format")
+    t.add_column("bits/param", justify="right")
+    t.add_column("memory", justify="right")
+    from ..formats.memory import format_bits
+
+    for f in fmts:
+        t.add_row(f, f"{format_bits(f):g}", human_bytes(model_bytes(n, f)))
+    out.print(t)
+
+
+@app.command()
+def methods() -> None:
+    """List the quantization methods and their options."""
+    import dataclasses
+
+    from ..algorithms import REGISTRY, load_all
+
+    load_all()
+    t = Table(header_style="bold")
+    t.add_column("method")
+    t.add_column("what it does")
+    t.add_column("options (--option key=value)")
+    for name, cls in sorted(REGISTRY.items()):
+        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Options)) or "-"
+        t.add_row(name, cls.summary, opts)
+    out.print(t)
+
+
+def run() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,184 @@
+"""Quantization configs: small frozen dataclasses that say *what* to do, validated on creation.
+
+A ``QuantConfig`` names a method (looked up in the algorithm registry), the weight format,
+optionally an activation format, and per-layer overrides by name pattern. It round-trips
+through a plain dict (``to_dict``/``from_dict``) so it can be stored next to a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import LowbitError
+
+CONFIG_VERSION = 1
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+WEIGHT_OBSERVERS = ("minmax", "mse")
+ACT_OBSERVERS = ("minmax", "percentile", "mse", "kl")
+
+
+def _check_bits(bits: Any, what: str, lo: int = 2, hi: int = 8) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not lo <= bits <= hi:
+        raise LowbitError(f"{what} must be an integer from {lo} to {hi}, got {bits!r}")
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """Integer weight format: ``bits`` per code, one scale (and zero) per group of inputs.
+
+    group_size=None means one group per output channel (per-channel quantization).
+    symmetric with restricted=False uses all 2**bits codes, scale = 2*absmax/(2**bits - 1)
+    (the convention GPTQ and compressed-tensors share); restricted=True drops the most
+    negative code so the grid is symmetric around zero: scale = absmax/(2**(bits-1) - 1).
+    A group size that does not divide a layer's input width leaves the last group of each
+    row narrower (GPTQ-style g_idx handles it); strict_groups=True makes that an error.
+    """
+
+    bits: int = 4
+    group_size: int | None = 64
+    symmetric: bool = True
+    restricted: bool = False
+    observer: str = "minmax"
+    scale_dtype: str = "float16"
+    strict_groups: bool = False
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits, "weight bits")
+        gs = self.group_size
+        if gs is not None and (not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0):
+            raise LowbitError(f"group size must be a positive integer or None (per-channel), got {gs!r}")
+        if self.observer not in WEIGHT_OBSERVERS:
+            raise LowbitError(f"weight observer must be one of {', '.join(WEIGHT_OBSERVERS)}, got {self.observer!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise LowbitError(f"scale dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        if self.restricted and not self.symmetric:
+            raise LowbitError("restricted range applies to symmetric quantization only")
+
+    def describe(self) -> str:
+        g = "per-channel" if self.group_size is None else f"g{self.group_size}"
+        kind = ("sym-restricted" if self.restricted else "sym") if self.symmetric else "asym"
+        return f"W{self.bits} {g} {kind}"
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """Integer activation format for the input of each quantized Linear.
+
+    dynamic=True computes the scale from each input at run time (per token or per tensor);
+    dynamic=False uses one scale per tensor fixed from calibration data by ``observer``.
+    """
+
+    bits: int = 8
+    dynamic: bool = True
+    granularity: str = "token"
+    symmetric: bool = True
+    observer: str = "minmax"
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits, "activation bits")
+        if self.granularity not in ("token", "tensor"):
+            raise LowbitError(f"activation granularity must be 'token' or 'tensor', got {self.granularity!r}")
+        if not self.dynamic and self.granularity != "tensor":
+            raise LowbitError("static activation quantization is per-tensor: use granularity='tensor'")
+        if self.observer not in ACT_OBSERVERS:
+            raise LowbitError(f"activation observer must be one of {', '.join(ACT_OBSERVERS)}, got {self.observer!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise LowbitError(f"percentile must be in (50, 100], got {self.percentile!r}")
+
+    def describe(self) -> str:
+        mode = "dynamic" if self.dynamic else f"static({self.observer})"
+        return f"A{self.bits} {mode} per-{self.granularity}"
+
+
+def _match(pattern: str, name: str) -> bool:
+    """fnmatch-style pattern, or a regular expression when it starts with 're:'."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how: the single argument of ``lowbit.quantize``.
+
+    ignore: name patterns of Linear layers (inside decoder blocks) left in full precision.
+    overrides: name pattern -> dict of WeightSpec fields that replace the defaults for
+    matching layers (first matching pattern wins), e.g. {"*.down_proj": {"bits": 8}}.
+    options: method-specific settings, validated by the method's own Options dataclass.
+    """
+
+    method: str = "rtn"
+    weight: WeightSpec | None = field(default_factory=WeightSpec)
+    act: ActSpec | None = None
+    ignore: tuple[str, ...] = ()
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        if self.weight is None and self.act is None:
+            raise LowbitError("nothing to quantize: give a weight format, an activation format, or both")
+        for pattern, fields in self.overrides.items():
+            if not isinstance(fields, dict):
+                raise LowbitError(f"override {pattern!r} must map to a dict of weight fields")
+            unknown = set(fields) - {f.name for f in dataclasses.fields(WeightSpec)}
+            if unknown:
+                raise LowbitError(f"override {pattern!r} has unknown weight fields: {', '.join(sorted(unknown))}")
+            if self.weight is not None:
+                dataclasses.replace(self.weight, **fields)  # validates eagerly
+
+    def weight_spec_for(self, name: str) -> WeightSpec | None:
+        """The weight format of the layer called ``name``; None leaves it unquantized."""
+        if any(_match(p, name) for p in self.ignore) or self.weight is None:
+            return None
+        for pattern, fields in self.overrides.items():
+            if _match(pattern, name):
+                return dataclasses.replace(self.weight, **fields)
+        return self.weight
+
+    def is_ignored(self, name: str) -> bool:
+        return any(_match(p, name) for p in self.ignore)
+
+    def describe(self) -> str:
+        parts = [self.method]
+        if self.weight is not None:
+            parts.append(self.weight.describe())
+        if self.act is not None:
+            parts.append(self.act.describe())
+        return " ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": CONFIG_VERSION,
+            "method": self.method,
+            "weight": None if self.weight is None else dataclasses.asdict(self.weight),
+            "act": None if self.act is None else dataclasses.asdict(self.act),
+            "ignore": list(self.ignore),
+            "overrides": dict(self.overrides),
+            "options": dict(self.options),
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        version = d.get("version")
+        if version != CONFIG_VERSION:
+            raise LowbitError(f"quantization config version {version!r} is not supported (expected {CONFIG_VERSION})")
+        try:
+            return cls(
+                method=d["method"],
+                weight=None if d.get("weight") is None else WeightSpec(**d["weight"]),
+                act=None if d.get("act") is None else ActSpec(**d["act"]),
+                ignore=tuple(d.get("ignore", ())),
+                overrides=dict(d.get("overrides", {})),
+                options=dict(d.get("options", {})),
+                seed=int(d.get("seed", 0)),
+            )
+        except (KeyError, TypeError) as e:
+            raise LowbitError(f"malformed quantization config: {e}") from None

@@ -1,0 +1,43 @@
+"""Pictures of a quantization run, for the eye rather than the JSON."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+_BLOCK = re.compile(r"\.(\d+)\.(.+)$")
+
+
+def plot_layer_errors(layers: list[dict], path: Path, title: str = "") -> Path | None:
+    """Relative weight error (and output error, when recorded) per layer, one line per
+    projection type across the depth of the model. Returns the path, or None if no layer
+    has a weight error to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("weight_rel_error", "output_rel_error") if any(k in r for r in layers)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(len(keys), 1, figsize=(9, 3.2 * len(keys)), squeeze=False, sharex=True)
+    for ax, key in zip(axes[:, 0], keys):
+        series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        for r in layers:
+            m = _BLOCK.search(r["layer"])
+            if m and key in r:
+                series[m.group(2)].append((int(m.group(1)), r[key]))
+        for kind, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=kind)
+        ax.set_ylabel(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=4)
+    axes[-1, 0].set_xlabel("decoder block")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,239 @@
+"""The lowbit checkpoint: a folder that reloads to exactly the in-memory quantized model.
+
+    OUT/
+      model.safetensors    packed codes, scales, zero points, float tensors
+      lowbit_config.json   format version, QuantConfig, per-layer formats, source model
+      config.json, generation_config.json, tokenizer files (so the folder stands alone)
+
+Per quantized Linear ``L`` the safetensors file holds
+    L.qweight   uint8 [out, ceil(in*bits/8)]     codes, bit-packed per row (formats.packing)
+    L.scales    [out, n_groups] float16/bfloat16/float32
+    L.qzeros    uint8 [out, ceil(n_groups*bits/8)]  zero points, packed (asymmetric only)
+    L.g_idx     int32 [in]  only when it is not the trivial column // group_size map
+    L.bias      float32, L.act_scale / L.act_zero (static activation quantization)
+or L.weight (float32) when only its activations are quantized. Tied weights are stored
+once. Everything is written into a temporary folder that is renamed when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..cache import atomic_path
+from ..config import ActSpec, QuantConfig, WeightSpec
+from ..errors import LowbitError
+from ..formats.packing import pack, unpack
+from ..formats.weights import default_g_idx
+from ..nn.qlinear import QuantLinear, set_submodule
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "lowbit"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "lowbit_config.json"
+
+
+def quant_layers(model: torch.nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _layer_entry(m: QuantLinear) -> dict:
+    return {
+        "in_features": m.in_features,
+        "out_features": m.out_features,
+        "bias": m.bias is not None,
+        "n_groups": int(m.scales.shape[1]) if m.wspec is not None else 0,
+        "g_idx": m.wspec is not None and not torch.equal(m.g_idx, default_g_idx(m.in_features, m.wspec.group_size)),
+        "weight": None if m.wspec is None else dataclasses.asdict(m.wspec),
+        "act": None if m.aspec is None else dataclasses.asdict(m.aspec),
+    }
+
+
+def _tied_names(model: torch.nn.Module) -> set[str]:
+    """Parameter names that share storage with an earlier one (stored once)."""
+    seen, tied = {}, set()
+    for name, t in model.state_dict(keep_vars=False).items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if t.numel() and key in seen:
+            tied.add(name)
+        else:
+            seen[key] = name
+    return tied
+
+
+def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file (see module doc), in a deterministic order."""
+    qlayers = quant_layers(model)
+    tied = _tied_names(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if name in tied:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        m = qlayers.get(owner)
+        if m is None or m.wspec is None:
+            out[name] = t.detach().contiguous()
+            continue
+        bits = m.wspec.bits
+        if leaf == "codes":
+            out[f"{owner}.qweight"] = pack(t, bits).contiguous()
+        elif leaf == "zeros":
+            out[f"{owner}.qzeros"] = pack(t, bits).contiguous()
+        elif leaf == "g_idx":
+            if not torch.equal(t, default_g_idx(m.in_features, m.wspec.group_size)):
+                out[name] = t.contiguous()
+        else:
+            out[name] = t.detach().contiguous()
+    return out
+
+
+def save_checkpoint(
+    model,
+    tokenizer,
+    out_dir: str | Path,
+    config: QuantConfig,
+    source: dict | None = None,
+    extra: dict | None = None,
+    write_more: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write the quantized ``model`` as a lowbit checkpoint folder. ``extra`` adds keys to
+    lowbit_config.json; ``write_more(folder)`` may add files (reports, plots) before the
+    folder is renamed into place, so they land together or not at all."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir / CONFIG_FILE).is_file() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise LowbitError(f"output {out_dir} exists and is not a lowbit checkpoint; refusing to overwrite it")
+    qlayers = quant_layers(model)
+    if not qlayers:
+        raise LowbitError("the model has no quantized layers to save")
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "quantization": config.to_dict(),
+        "layers": {n: _layer_entry(m) for n, m in qlayers.items()},
+        "source": source or {},
+        **(extra or {}),
+    }
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file(checkpoint_tensors(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt", FORMAT_NAME: str(FORMAT_VERSION)})
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+        if write_more is not None:
+            write_more(tmp)
+    return out_dir
+
+
+def read_meta(folder: str | Path) -> dict:
+    folder = Path(folder)
+    if not folder.exists():
+        raise LowbitError(f"checkpoint {folder} does not exist")
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise LowbitError(f"{folder} is not a lowbit checkpoint (no {CONFIG_FILE})")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LowbitError(f"{path} is not valid JSON ({e})") from None
+    if meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
+        raise LowbitError(f"{path}: unsupported checkpoint format {meta.get('format')!r} version {meta.get('format_version')!r}")
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise LowbitError(f"checkpoint {folder} has no {WEIGHTS_FILE}")
+    return meta
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise LowbitError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]})") from None
+
+
+def _build_layer(name: str, entry: dict) -> QuantLinear:
+    try:
+        wspec = None if entry["weight"] is None else WeightSpec(**entry["weight"])
+        aspec = None if entry["act"] is None else ActSpec(**entry["act"])
+        return QuantLinear(entry["in_features"], entry["out_features"], entry["bias"], wspec, aspec, max(entry["n_groups"], 1))
+    except (KeyError, TypeError) as e:
+        raise LowbitError(f"{CONFIG_FILE}: malformed entry for layer {name} ({e})") from None
+
+
+def load_checkpoint(folder: str | Path):
+    """(model, tokenizer, meta) from a lowbit checkpoint folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+
+    folder = Path(folder)
+    meta = read_meta(folder)
+    tensors = _read_tensors(folder / WEIGHTS_FILE)
+    try:
+        hf_config = AutoConfig.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as e:
+        raise LowbitError(f"checkpoint {folder}: cannot read its config or tokenizer ({str(e).splitlines()[0]})") from None
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    model.tie_weights()  # from_config leaves tied embeddings untied until asked
+    state: dict[str, torch.Tensor] = {}
+    for name, entry in meta["layers"].items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise LowbitError(f"{CONFIG_FILE} names layer {name}, which the model does not have") from None
+        layer = _build_layer(name, entry)
+        set_submodule(model, name, layer)
+        if layer.wspec is not None:
+            state.update(_unpack_layer(name, layer, tensors))
+    for k, t in tensors.items():
+        state.setdefault(k, t)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise LowbitError(f"{folder / WEIGHTS_FILE} does not match the model ({str(e).splitlines()[-1].strip()})") from None
+    tied = set(_tied_names(model))
+    missing = [k for k in missing if k not in tied and not k.endswith(".g_idx")]
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise LowbitError(f"{folder / WEIGHTS_FILE} does not match the model: {what}")
+    model.tie_weights()
+    model.eval()
+    return model, tokenizer, meta
+
+
+def _unpack_layer(name: str, layer: QuantLinear, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    spec = layer.wspec
+    need = [f"{name}.qweight", f"{name}.scales"] + ([] if spec.symmetric else [f"{name}.qzeros"])
+    for k in need:
+        if k not in tensors:
+            raise LowbitError(f"checkpoint has no tensor {k} for layer {name}")
+    n_groups = layer.scales.shape[1]
+    try:
+        out = {
+            f"{name}.codes": unpack(tensors.pop(f"{name}.qweight"), spec.bits, layer.in_features),
+            f"{name}.scales": tensors.pop(f"{name}.scales"),
+        }
+        if not spec.symmetric:
+            out[f"{name}.zeros"] = unpack(tensors.pop(f"{name}.qzeros"), spec.bits, n_groups)
+    except LowbitError as e:
+        raise LowbitError(f"layer {name}: {e}") from None
+    g_idx = tensors.pop(f"{name}.g_idx", None)
+    out[f"{name}.g_idx"] = g_idx if g_idx is not None else default_g_idx(layer.in_features, spec.group_size)
+    scales = out[f"{name}.scales"]
+    if tuple(scales.shape) != tuple(layer.scales.shape) or not torch.isfinite(scales.float()).all():
+        raise LowbitError(f"layer {name}: scales have shape {tuple(scales.shape)} or non-finite values")
+    if int(out[f"{name}.g_idx"].max()) >= n_groups:
+        raise LowbitError(f"layer {name}: g_idx points past its {n_groups} groups")
+    return out

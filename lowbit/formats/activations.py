@@ -1,0 +1,38 @@
+"""Activation quantization: the per-token and per-tensor fake quantizers of a Linear input.
+
+Dynamic quantization computes the range from the tensor being quantized (per token: one
+scale per row of the flattened input; per tensor: one for all of it). Static quantization
+uses a scale and zero point fixed beforehand from calibration data (see
+``lowbit.calibration.observers``). Activation scales stay in float32: they are computed at
+run time, not stored at low precision.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ActSpec
+from .integer import IntGrid, fake_quantize, qparams_from_range
+
+
+def act_grid(spec: ActSpec) -> IntGrid:
+    return IntGrid(spec.bits, symmetric=spec.symmetric, restricted=False)
+
+
+def dynamic_qparams(x: torch.Tensor, spec: ActSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of x per token (last dim reduced, kept) or per tensor."""
+    xf = x.detach().float()
+    if spec.granularity == "token":
+        lo, hi = xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True)
+    else:
+        lo, hi = xf.amin(), xf.amax()
+    return qparams_from_range(lo, hi, act_grid(spec), torch.float32)
+
+
+def fake_quantize_act(
+    x: torch.Tensor, spec: ActSpec, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Fake-quantize an activation: dynamically, or with static (scale, zero) when given."""
+    if scale is None:
+        scale, zero = dynamic_qparams(x, spec)
+    return fake_quantize(x, scale, zero, act_grid(spec))

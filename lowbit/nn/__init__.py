@@ -1,0 +1,1 @@
+"""Modules of quantized models (QuantLinear) and their compute paths."""
