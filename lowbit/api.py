@@ -89,7 +89,6 @@ def quantize(
     config: QuantConfig,
     calib: torch.Tensor | None = None,
     *,
-    batch_size: int = 8,
     progress: bool = True,
 ) -> QuantReport:
     """Quantize ``model`` in place under ``config``; the one verb of lowbit.
@@ -106,7 +105,6 @@ def quantize(
         model,
         algo.quantize_block,
         calib if needs else None,
-        batch_size=batch_size,
         progress=progress_bar(f"quantize {config.method}", progress),
     )
     seconds = time.perf_counter() - start

@@ -1,14 +1,19 @@
 """The block-wise calibration runner, written once for every algorithm.
 
-1. Capture the inputs of the first decoder block for every calibration window (a
-   pre-forward hook stores the hidden states and keyword arguments and stops the forward).
-2. For each block in order: let the algorithm observe the inputs of its Linear layers
-   through hooks (in the sequential groups the algorithm asks for), solve, and replace the
-   layers with quantized ones; then run the quantized block to produce the next block's
-   inputs, so every block is calibrated on what the quantized model really feeds it.
+1. Capture the inputs of the first decoder block for the whole calibration set (one call
+   of the model, stopped by a pre-forward hook on the block).
+2. For each block in order, run it ONCE on those inputs with a pre-forward hook on every
+   Linear to quantize. When the forward reaches a layer, the hook hands the layer's input
+   to the algorithm (observe), asks for the quantized weight (solve), writes the
+   dequantized weight into the layer, and fake-quantizes the input if activations are
+   quantized. Everything after that layer in the block therefore already sees the
+   quantized layer: q/k/v are solved on the block input, o_proj on the output of the
+   quantized attention, and so on (GPTQ's "true sequential" order, for free), and the
+   block's output is the quantized block's output, which is the next block's input.
+3. After the forward, each Linear is replaced by a QuantLinear holding the codes.
 
-Only one block's activations are alive at a time (calibration windows x hidden size), on
-top of the model itself; nothing copies the model.
+One forward per block is the least work possible. Only one block's activations are alive
+at a time (calibration tokens x the block's widths), on top of the model itself.
 """
 
 from __future__ import annotations
@@ -32,43 +37,57 @@ class _StopForward(Exception):
 
 @dataclass
 class BlockInputs:
-    """Inputs of one decoder block: hidden states and keyword arguments, per chunk."""
+    """Inputs of one decoder block for the whole calibration set."""
 
-    hidden: list[torch.Tensor]
-    kwargs: list[dict]
+    hidden: torch.Tensor  # [n_windows, seq_len, hidden]
+    kwargs: dict
 
     @property
     def n_tokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+        return self.hidden.shape[0] * self.hidden.shape[1]
 
 
-def capture_first_block_inputs(model: nn.Module, first_block: nn.Module, windows: torch.Tensor, batch_size: int) -> BlockInputs:
-    """Run the model on calibration windows up to the first block and keep its inputs."""
-    hidden, kwargs = [], []
+def capture_first_block_inputs(model: nn.Module, first_block: nn.Module, windows: torch.Tensor) -> BlockInputs:
+    """Run the model on the calibration windows up to the first block and keep its inputs."""
+    if windows.numel() == 0:
+        raise LowbitError("no calibration windows: the calibration set is empty")
+    captured = {}
 
     def grab(_module, args, kw):
+        kw = dict(kw)
         h = args[0] if args else kw.pop("hidden_states")
-        hidden.append(h.detach())
-        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        captured["hidden"] = h.detach()
+        captured["kwargs"] = {k: v for k, v in kw.items() if k != "hidden_states"}
         raise _StopForward
 
     handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
-            for chunk in windows.split(batch_size):
-                try:
-                    model(input_ids=chunk, use_cache=False)
-                except _StopForward:
-                    pass
+            model(input_ids=windows, use_cache=False)
+    except _StopForward:
+        pass
     finally:
         handle.remove()
-    if not hidden:
-        raise LowbitError("no calibration windows: the calibration set is empty")
-    return BlockInputs(hidden, kwargs)
+    if "hidden" not in captured:
+        raise LowbitError("the model never reached its first decoder block")
+    return BlockInputs(captured["hidden"], captured["kwargs"])
 
 
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _slice_batch(kwargs: dict, batch: int, n: int) -> dict:
+    """kwargs for the first n rows of a batch of ``batch`` (tensors with that batch dim)."""
+
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch:
+            return v[:n]
+        if isinstance(v, tuple):
+            return tuple(cut(x) for x in v)
+        return v
+
+    return {k: cut(v) for k, v in kwargs.items()}
 
 
 @dataclass
@@ -87,83 +106,57 @@ class BlockContext:
     def full_name(self, local: str) -> str:
         return f"{self.prefix}.{local}"
 
-    def forward(self, stop_after: nn.Module | None = None) -> list[torch.Tensor]:
-        """Run the block on every input chunk; return the outputs (none if stopped early)."""
+    def forward(self, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the block on the calibration inputs (or on ``hidden``, a batch of them)."""
         assert self.inputs is not None
-        outs = []
-        handle = None
-        if stop_after is not None:
-
-            def stop(*_):
-                raise _StopForward
-
-            handle = stop_after.register_forward_hook(stop)
-        try:
-            with torch.no_grad():
-                for h, kw in zip(self.inputs.hidden, self.inputs.kwargs):
-                    try:
-                        outs.append(_first(self.block(h, **kw)))
-                    except _StopForward:
-                        pass
-        finally:
-            if handle is not None:
-                handle.remove()
-        return outs
-
-    def observe(self, names: list[str], on_input: Callable[[str, torch.Tensor], None]) -> None:
-        """Run the block and call on_input(name, x) with the input of each named Linear,
-        x flattened to [tokens, in_features]. Stops after the last of them has run."""
-        mods = self.linears()
-        handles = []
-
-        def hook(name):
-            def fn(_mod, args):
-                x = args[0].detach()
-                on_input(name, x.reshape(-1, x.shape[-1]))
-
-            return fn
-
-        for n in names:
-            handles.append(mods[n].register_forward_pre_hook(hook(n)))
-        try:
-            self.forward(stop_after=mods[names[-1]] if names else None)
-        finally:
-            for h in handles:
-                h.remove()
+        h = self.inputs.hidden if hidden is None else hidden
+        kw = self.inputs.kwargs
+        if h.shape[0] != self.inputs.hidden.shape[0]:
+            kw = _slice_batch(kw, self.inputs.hidden.shape[0], h.shape[0])
+        with torch.no_grad():
+            return _first(self.block(h, **kw))
 
     def groups(self) -> list[list[str]]:
         """The block's linears grouped by shared input, in forward order (see arch)."""
         assert self.inputs is not None
-        h, kw = self.inputs.hidden[0][:1], self.inputs.kwargs[0]
-        kw1 = {k: (v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.inputs.hidden[0].shape[0] else v) for k, v in kw.items()}
-        with torch.no_grad():
-            return input_groups(self.block, lambda: self.block(h, **kw1))
+        return input_groups(self.block, lambda: self.forward(self.inputs.hidden[:1]))
+
+    def forward_with_hooks(self, pre_hooks: dict[str, Callable]) -> torch.Tensor:
+        """One forward of the block with pre-forward hooks on the named Linear layers;
+        a hook may return a replacement input, as in ``register_forward_pre_hook``."""
+        mods = self.linears()
+        handles = [mods[n].register_forward_pre_hook(fn) for n, fn in pre_hooks.items()]
+        try:
+            return self.forward()
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def run_blocks(
     model: nn.Module,
-    quantize_block: Callable[[BlockContext], None],
+    quantize_block: Callable[[BlockContext], torch.Tensor | None],
     windows: torch.Tensor | None,
-    batch_size: int = 8,
     progress: Callable | None = None,
 ) -> list[BlockContext]:
     """Walk the decoder blocks in order, calling quantize_block(ctx) on each.
 
-    With calibration windows, each ctx carries the block's inputs as produced by the
-    already-quantized blocks before it. Without (weight-only methods that need no data),
-    ctx.inputs is None and no forward pass runs at all.
+    With calibration windows, ctx carries the block's inputs as produced by the already
+    quantized blocks before it, and quantize_block returns the quantized block's output on
+    them (the next block's input). Without (methods that need no data), ctx.inputs is None
+    and no forward pass runs at all.
     """
     prefix, layers = decoder_layers(model)
-    inputs = None
-    if windows is not None:
-        inputs = capture_first_block_inputs(model, layers[0], windows, batch_size)
+    inputs = capture_first_block_inputs(model, layers[0], windows) if windows is not None else None
     contexts = []
     iterator = progress(range(len(layers))) if progress else range(len(layers))
     for i in iterator:
         ctx = BlockContext(index=i, prefix=f"{prefix}.{i}", block=layers[i], inputs=inputs)
-        quantize_block(ctx)
-        if inputs is not None and i + 1 < len(layers):
-            inputs = BlockInputs(ctx.forward(), inputs.kwargs)
+        out = quantize_block(ctx)
+        if inputs is not None:
+            if out is None:
+                out = ctx.forward()
+            inputs = BlockInputs(out, inputs.kwargs)
         ctx.inputs = None  # release this block's activations
         contexts.append(ctx)
     return contexts

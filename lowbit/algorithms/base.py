@@ -7,10 +7,11 @@ An algorithm is one small module with two phases per layer:
   layers that read the same tensor (q/k/v, gate/up) share one accumulator.
 - solve: ``solve(name, module, spec, stats)`` returns the QuantizedWeight.
 
+Both run inside the runner's single forward pass over a block, when the pass reaches the
+layer, so every layer is observed on the output of the already-quantized layers before it.
 Block-level methods (AWQ, SmoothQuant) also override ``transform_block`` to rescale a
-block before its layers are observed. ``sequential = True`` observes each input group
-only after the groups before it are quantized (GPTQ's "true sequential"). The block loop
-itself, the hooks and the module replacement live here and in the runner, once.
+block before that pass. The block loop, the hooks and the module replacement live here
+and in the runner, once.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 from ..calibration.observers import Observer, make_observer
 from ..config import QuantConfig, WeightSpec
 from ..errors import LowbitError
-from ..formats.activations import act_grid
+from ..formats.activations import act_grid, fake_quantize_act
 from ..formats.integer import error_metrics
 from ..formats.weights import QuantizedWeight
 from ..nn.qlinear import QuantLinear, set_submodule
@@ -62,7 +63,6 @@ class Algorithm:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
-    sequential: ClassVar[bool] = False
     needs_weights: ClassVar[bool] = True  # False: the method also quantizes activations only
 
     def __init__(self, config: QuantConfig):
@@ -98,41 +98,56 @@ class Algorithm:
 
     # --- the shared block loop -------------------------------------------------------------
 
-    def quantize_block(self, ctx: BlockContext) -> None:
+    def quantize_block(self, ctx: BlockContext) -> torch.Tensor | None:
+        """Quantize every target Linear of the block during one forward pass over the
+        calibration inputs (see runner); return the quantized block's output."""
         self.transform_block(ctx)
         linears = ctx.linears()
-        targets = {n for n in linears if not self.config.is_ignored(ctx.full_name(n))}
+        targets = [n for n in linears if not self.config.is_ignored(ctx.full_name(n))]
         if not targets:
-            return
+            return None
+        done: dict[str, tuple] = {}
         if ctx.inputs is None:
-            for n in sorted(targets):
-                self._replace(ctx, n, linears[n], stats=None, observer=None)
-            return
-        groups = [[n for n in g if n in targets] for g in ctx.groups()]
-        groups = [g for g in groups if g]
-        passes = groups if self.sequential else [groups]
-        for p in passes:
-            pass_groups = [p] if self.sequential else p
-            self._observe_and_solve(ctx, pass_groups)
+            for n in targets:
+                done[n] = self._solve(ctx, n, linears[n], None, None)
+            self._install(ctx, linears, done)
+            return None
+        leader = {n: n for n in targets}
+        for g in ctx.groups():
+            members = [n for n in g if n in leader]
+            for n in members:
+                leader[n] = members[0]
+        observed: dict[str, tuple] = {}
 
-    def _observe_and_solve(self, ctx: BlockContext, groups: list[list[str]]) -> None:
-        linears = ctx.linears()
-        stats, observers = {}, {}
-        for g in groups:
-            lead = g[0]
-            stats[lead] = self.new_stats(ctx.full_name(lead), linears[lead])
-            observers[lead] = self._act_observer()
+        def make_hook(n: str):
+            def hook(mod: nn.Module, args: tuple):
+                x = args[0]
+                lead = leader[n]
+                if lead not in observed:  # first layer of its input group: observe once
+                    flat = x.detach().reshape(-1, x.shape[-1])
+                    stats, observer = self.new_stats(ctx.full_name(lead), mod), self._act_observer()
+                    for acc in (stats, observer):
+                        if acc is not None:
+                            acc.update(flat)
+                    observed[lead] = (stats, observer.qparams() if observer is not None else None)
+                stats, act_qparams = observed[lead]
+                done[n] = self._solve(ctx, n, mod, stats, act_qparams)
+                qweight = done[n][0]
+                if qweight is not None:  # the rest of this forward sees the quantized layer
+                    mod.weight.data = qweight.dequantize().to(mod.weight.dtype)
+                if self.config.act is not None:
+                    scale, zero = act_qparams if act_qparams is not None else (None, None)
+                    return (fake_quantize_act(x, self.config.act, scale, zero),)
+                return None
 
-        def on_input(name: str, x: torch.Tensor) -> None:
-            if stats[name] is not None:
-                stats[name].update(x)
-            if observers[name] is not None:
-                observers[name].update(x)
+            return hook
 
-        ctx.observe([g[0] for g in groups], on_input)
-        for g in groups:
-            for n in g:
-                self._replace(ctx, n, linears[n], stats[g[0]], observers[g[0]])
+        out = ctx.forward_with_hooks({n: make_hook(n) for n in targets})
+        for n in targets:
+            if n not in done:  # never called on calibration data
+                done[n] = self._solve(ctx, n, linears[n], None, None)
+        self._install(ctx, linears, done)
+        return out
 
     def _act_observer(self) -> Observer | None:
         a = self.config.act
@@ -140,22 +155,27 @@ class Algorithm:
             return None
         return make_observer(a.observer, act_grid(a), percentile=a.percentile, seed=self.config.seed)
 
-    def _replace(self, ctx: BlockContext, local: str, module: nn.Module, stats: Any, observer: Observer | None) -> None:
+    def _solve(self, ctx: BlockContext, local: str, module: nn.Module, stats: Any, act_qparams) -> tuple:
+        """(QuantizedWeight or None, activation qparams or None, report row) of one layer."""
         name = ctx.full_name(local)
         spec = self.config.weight_spec_for(name)
-        qweight = None
         record: dict[str, Any] = {"layer": name, "shape": list(module.weight.shape)}
+        qweight = None
         if spec is not None:
             qweight = self.solve(name, module, spec, stats)
-            w = module.weight.detach().float()
             record["format"] = spec.describe()
-            record["weight_rel_error"] = error_metrics(w, qweight.dequantize())["rel_fro"]
+            record["weight_rel_error"] = error_metrics(module.weight.detach().float(), qweight.dequantize())["rel_fro"]
             record.update(self.layer_record(name, module, qweight, stats))
-        act_qparams = observer.qparams() if observer is not None else None
-        if act_qparams is not None:
-            record["act_scale"] = float(act_qparams[0])
         if self.config.act is not None:
             record["act_format"] = self.config.act.describe()
-        q = QuantLinear.from_linear(module, qweight, spec, self.config.act, act_qparams)
-        set_submodule(ctx.block, local, q)
-        ctx.records[name] = record
+        if act_qparams is not None:
+            record["act_scale"] = float(act_qparams[0])
+            record["act_zero"] = float(act_qparams[1])
+        return qweight, act_qparams, record
+
+    def _install(self, ctx: BlockContext, linears: dict[str, nn.Module], done: dict[str, tuple]) -> None:
+        for local, (qweight, act_qparams, record) in done.items():
+            spec = self.config.weight_spec_for(ctx.full_name(local))
+            q = QuantLinear.from_linear(linears[local], qweight, spec, self.config.act, act_qparams)
+            set_submodule(ctx.block, local, q)
+            ctx.records[record["layer"]] = record

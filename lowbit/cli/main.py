@@ -130,10 +130,11 @@ def quantize(
     no_weights: Annotated[bool, typer.Option("--no-weights", help="Keep weights in float32 and quantize only activations (needs --act-bits).")] = False,
     act_bits: Annotated[int, typer.Option("--act-bits", help="Activation bits for the input of every quantized Linear; 0 leaves activations in float.")] = 0,
     act: Annotated[str, typer.Option("--act", help="Activation scales: 'dynamic' (computed per input at run time) or 'static' (fixed from calibration data).")] = "dynamic",
-    act_granularity: Annotated[str, typer.Option("--act-granularity", help="token (one scale per token; dynamic only) or tensor.")] = "token",
+    act_granularity: Annotated[str, typer.Option("--act-granularity", help="Dynamic scales per token or per tensor (static scales are always per tensor).")] = "token",
     act_observer: Annotated[str, typer.Option("--act-observer", help="Static range calibration: minmax, percentile, mse, kl.")] = "minmax",
     percentile: Annotated[float, typer.Option("--percentile", help="Percentile kept by the percentile observer.")] = 99.99,
-    act_asym: Annotated[bool, typer.Option("--act-asym", help="Asymmetric activations (zero point).")] = False,
+    act_asym: Annotated[bool, typer.Option("--act-asym/--act-sym", help="Asymmetric activations (zero point; default, measured better for LLM activations) or symmetric.")] = True,
+    act_group_size: Annotated[int, typer.Option("--act-group-size", help="Dynamic per-token quantization in groups of this many channels (0: whole token).")] = 0,
     ignore: Annotated[list[str], typer.Option("--ignore", help="Leave Linear layers matching this pattern in float (fnmatch, or re:REGEX). Repeatable.")] = [],
     override: Annotated[list[str], typer.Option("--override", help="Per-layer weight format: PATTERN:bits=8,group_size=128. Repeatable; first match wins.")] = [],
     option: Annotated[list[str], typer.Option("--option", help="Method option key=value (see `lowbit methods`). Repeatable.")] = [],
@@ -145,7 +146,6 @@ def quantize(
     windows: WindowsOpt = 20,
     bos: BosOpt = "auto",
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Measure the original and the quantized model under the protocol.")] = True,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward pass.")] = 8,
     seed: Annotated[int, typer.Option("--seed", help="Seed for everything random.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
@@ -165,8 +165,8 @@ def quantize(
         raise LowbitError(f"--act must be dynamic or static, got {act!r}")
     aspec = None
     if act_bits:
-        aspec = ActSpec(bits=act_bits, dynamic=act == "dynamic", granularity=act_granularity, symmetric=not act_asym,
-                        observer=act_observer, percentile=percentile)
+        aspec = ActSpec(bits=act_bits, dynamic=act == "dynamic", granularity="tensor" if act == "static" else act_granularity,
+                        symmetric=not act_asym, group_size=act_group_size or None, observer=act_observer, percentile=percentile)
     config = QuantConfig(method=method, weight=weight, act=aspec, ignore=tuple(ignore), overrides=parse_overrides(override),
                          options=parse_assignments(option, "--option"), seed=seed)
     protocol = Protocol(seq_len=seq_len, n_windows=windows, n_calib=n_calib, calib_len=calib_len, bos=bos)
@@ -184,7 +184,7 @@ def quantize(
     if evaluate:
         reference, fp = api.reference_for(m, source["fingerprint"], eval_w, protocol, progress=not quiet)
         results["original"] = fp.to_dict()
-    report = api.quantize(m, config, calib_w, batch_size=batch_size, progress=not quiet)
+    report = api.quantize(m, config, calib_w, progress=not quiet)
     if evaluate:
         q = api.evaluate_model(m, eval_w, protocol, reference, progress=not quiet, desc="evaluate quantized")
         results["quantized"] = q.to_dict()

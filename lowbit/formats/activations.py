@@ -29,10 +29,26 @@ def dynamic_qparams(x: torch.Tensor, spec: ActSpec) -> tuple[torch.Tensor, torch
     return qparams_from_range(lo, hi, act_grid(spec), torch.float32)
 
 
+def _to_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
+    """[..., n] -> [..., ceil(n/group), group], zero-padded. Zeros change no group's range:
+    asymmetric ranges always hold 0, and 0 never raises an absmax."""
+    n = x.shape[-1]
+    pad = (-n) % group
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], -1, group), n
+
+
 def fake_quantize_act(
     x: torch.Tensor, spec: ActSpec, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Fake-quantize an activation: dynamically, or with static (scale, zero) when given."""
-    if scale is None:
+    if scale is not None:
+        return fake_quantize(x, scale, zero, act_grid(spec))
+    if spec.group_size is None:
         scale, zero = dynamic_qparams(x, spec)
-    return fake_quantize(x, scale, zero, act_grid(spec))
+        return fake_quantize(x, scale, zero, act_grid(spec))
+    xg, n = _to_groups(x, spec.group_size)
+    scale, zero = dynamic_qparams(xg, spec)
+    out = fake_quantize(xg, scale, zero, act_grid(spec))
+    return out.reshape(*x.shape[:-1], -1)[..., :n]

@@ -186,5 +186,14 @@ def load_model(spec: str):
         model, tokenizer = _load_hf(source.path, "model folder")
     else:
         model, tokenizer = _load_hf(source.path, "hub model")
+    check_finite(model, spec)
     model.eval()
     return model, tokenizer, source
+
+
+def check_finite(model: torch.nn.Module, what: str) -> None:
+    """Refuse a model with NaN/inf parameters, naming the first such tensor."""
+    for name, p in model.named_parameters():
+        bad = ~torch.isfinite(p)
+        if bad.any():
+            raise LowbitError(f"model {what}: tensor {name} has {int(bad.sum())} NaN/inf values")
