@@ -84,6 +84,12 @@ def prepare_windows(tokenizer, protocol: Protocol = Protocol(), data: str | None
     return eval_windows(ids, protocol, bos, what), calib_windows(cal_ids, protocol, bos, f"calibration text {calib}")
 
 
+def eval_windows_for(tokenizer, protocol: Protocol = Protocol(), data: str | None = None) -> torch.Tensor:
+    """The evaluation windows alone (no calibration part is reserved)."""
+    ids = tokenize(tokenizer, read_text(data))
+    return eval_windows(ids, protocol, bos_id_for(tokenizer, protocol), f"text {data or 'wikipedia'}")
+
+
 def quantize(
     model: torch.nn.Module,
     config: QuantConfig,
@@ -152,6 +158,35 @@ def reference_for(model, fingerprint: str, windows: torch.Tensor, protocol: Prot
         )
     ref = Reference(folder)
     return ref, EvalResult(**ref.meta["result"])
+
+
+def reference_for_model(model, info: dict, windows: torch.Tensor, protocol: Protocol, enabled: bool = True, progress: bool = True):
+    """(Reference or None, the original model's EvalResult or None, a note or None).
+
+    For an unquantized model, the model itself is the reference (recorded if new). For a
+    checkpoint, its source model's cached reference is used; if none is cached, the source
+    is loaded and recorded, provided it is still available unchanged."""
+    if not enabled:
+        return None, None, None
+    src = info["source"]
+    if info["checkpoint"] is None:
+        ref, fp = reference_for(model, src["fingerprint"], windows, protocol, progress)
+        return ref, fp, None
+    folder = reference_folder(src.get("fingerprint", ""), windows, protocol)
+    if not Reference.exists(folder):
+        from .models.loader import resolve
+
+        try:
+            now = resolve(src["spec"])
+        except (LowbitError, KeyError):
+            now = None
+        if now is None or now.fingerprint != src.get("fingerprint"):
+            return None, None, f"source model {src.get('spec')!r} is not available unchanged; reporting perplexity only"
+        base, _, _ = load_model(src["spec"])
+        reference_for(base, src["fingerprint"], windows, protocol, progress)
+        del base
+    ref = Reference(folder)
+    return ref, EvalResult(**ref.meta["result"]), None
 
 
 def evaluate_model(model, windows: torch.Tensor, protocol: Protocol, reference: Reference | None = None, progress: bool = True, desc: str = "evaluate") -> EvalResult:

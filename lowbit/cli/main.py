@@ -149,9 +149,7 @@ def quantize(
     seed: Annotated[int, typer.Option("--seed", help="Seed for everything random.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """Quantize MODEL and write a checkpoint; with --eval (default), also measure the
-    original and the quantized model under the fixed protocol and save eval.json, report.json
-    and layers.png beside it."""
+    """Quantize MODEL and write a checkpoint. With --eval (the default) the original and the quantized model are also measured under the fixed protocol (perplexity, KL, top-1 agreement), and eval.json, report.json and layers.png are saved in the checkpoint folder."""
     from .. import api
     from ..calibration.data import Protocol
     from ..config import ActSpec, QuantConfig, WeightSpec
@@ -235,41 +233,19 @@ def eval_cmd(
     """Measure perplexity (and KL / top-1 agreement against the original) under the protocol."""
     from .. import api
     from ..calibration.data import Protocol
-    from ..models.loader import resolve
 
     protocol = Protocol(seq_len=seq_len, n_windows=windows, n_calib=1, calib_len=2, bos=bos)
     m, tok, info = api.load(model)
-    from ..calibration.data import bos_id_for, eval_windows, tokenize
-    from ..calibration.text import read_text
-
-    w = eval_windows(tokenize(tok, read_text(data)), protocol, bos_id_for(tok, protocol), f"text {data or 'wikipedia'}")
-    src = info["source"]
+    w = api.eval_windows_for(tok, protocol, data)
     result: dict = {"model": model, "protocol": protocol.to_dict()}
-    ref = None
-    if info["checkpoint"] is None:
-        if reference:
-            ref, fp = api.reference_for(m, src["fingerprint"], w, protocol, progress=not quiet)
-            result["result"] = fp.to_dict()
-        else:
-            result["result"] = api.evaluate_model(m, w, protocol, progress=not quiet).to_dict()
+    ref, original, note = api.reference_for_model(m, info, w, protocol, enabled=reference, progress=not quiet)
+    if note:
+        err.print(f"note: {note}", highlight=False, soft_wrap=True)
+    if original is not None and info["checkpoint"] is None:
+        result["result"] = original.to_dict()  # the model is its own reference
     else:
-        if reference:
-            folder = api.reference_folder(src.get("fingerprint", ""), w, protocol)
-            if api.Reference.exists(folder):
-                ref = api.Reference(folder)
-            else:
-                try:
-                    now = resolve(src["spec"])
-                except (LowbitError, KeyError):
-                    now = None
-                if now is None or now.fingerprint != src.get("fingerprint"):
-                    err.print(f"note: source model {src.get('spec')!r} is not available unchanged; reporting perplexity only")
-                else:
-                    base, _, _ = api.load(src["spec"])
-                    ref, _ = api.reference_for(base, src["fingerprint"], w, protocol, progress=not quiet)
-                    del base
-            if ref is not None:
-                result["original"] = ref.meta["result"]
+        if original is not None:
+            result["original"] = original.to_dict()
         result["result"] = api.evaluate_model(m, w, protocol, ref, progress=not quiet).to_dict()
     r = result["result"]
     line = f"perplexity {r['ppl']:.3f} over {r['n_tokens']} tokens"
