@@ -7,7 +7,7 @@ import importlib
 
 from .base import REGISTRY, Algorithm, make_algorithm, register
 
-_MODULES = ("rtn",)
+_MODULES = ("rtn", "gptq")
 
 
 def load_all() -> None:

@@ -109,30 +109,31 @@ class Algorithm:
         done: dict[str, tuple] = {}
         if ctx.inputs is None:
             for n in targets:
-                done[n] = self._solve(ctx, n, linears[n], None, None)
+                done.update(self._solve_group(ctx, [n], linears, None, None))
             self._install(ctx, linears, done)
             return None
+        members: dict[str, list[str]] = {}  # group leader -> the targets reading the same input
         leader = {n: n for n in targets}
         for g in ctx.groups():
-            members = [n for n in g if n in leader]
-            for n in members:
-                leader[n] = members[0]
-        observed: dict[str, tuple] = {}
+            group = [n for n in g if n in leader]
+            for n in group:
+                leader[n] = group[0]
+        for n in targets:
+            members.setdefault(leader[n], []).append(n)
 
         def make_hook(n: str):
             def hook(mod: nn.Module, args: tuple):
                 x = args[0]
                 lead = leader[n]
-                if lead not in observed:  # first layer of its input group: observe once
+                if n not in done:  # first layer of its input group to run: observe, solve all
                     flat = x.detach().reshape(-1, x.shape[-1])
                     stats, observer = self.new_stats(ctx.full_name(lead), mod), self._act_observer()
                     for acc in (stats, observer):
                         if acc is not None:
                             acc.update(flat)
-                    observed[lead] = (stats, observer.qparams() if observer is not None else None)
-                stats, act_qparams = observed[lead]
-                done[n] = self._solve(ctx, n, mod, stats, act_qparams)
-                qweight = done[n][0]
+                    act_qparams = observer.qparams() if observer is not None else None
+                    done.update(self._solve_group(ctx, members[lead], linears, stats, act_qparams))
+                qweight, act_qparams, _ = done[n]
                 if qweight is not None:  # the rest of this forward sees the quantized layer
                     mod.weight.data = qweight.dequantize().to(mod.weight.dtype)
                 if self.config.act is not None:
@@ -145,7 +146,7 @@ class Algorithm:
         out = ctx.forward_with_hooks({n: make_hook(n) for n in targets})
         for n in targets:
             if n not in done:  # never called on calibration data
-                done[n] = self._solve(ctx, n, linears[n], None, None)
+                done.update(self._solve_group(ctx, [n], linears, None, None))
         self._install(ctx, linears, done)
         return out
 
@@ -155,23 +156,33 @@ class Algorithm:
             return None
         return make_observer(a.observer, act_grid(a), percentile=a.percentile, seed=self.config.seed)
 
-    def _solve(self, ctx: BlockContext, local: str, module: nn.Module, stats: Any, act_qparams) -> tuple:
-        """(QuantizedWeight or None, activation qparams or None, report row) of one layer."""
-        name = ctx.full_name(local)
-        spec = self.config.weight_spec_for(name)
-        record: dict[str, Any] = {"layer": name, "shape": list(module.weight.shape)}
-        qweight = None
-        if spec is not None:
-            qweight = self.solve(name, module, spec, stats)
-            record["format"] = spec.describe()
-            record["weight_rel_error"] = error_metrics(module.weight.detach().float(), qweight.dequantize())["rel_fro"]
-            record.update(self.layer_record(name, module, qweight, stats))
-        if self.config.act is not None:
-            record["act_format"] = self.config.act.describe()
-        if act_qparams is not None:
-            record["act_scale"] = float(act_qparams[0])
-            record["act_zero"] = float(act_qparams[1])
-        return qweight, act_qparams, record
+    def _solve_group(self, ctx: BlockContext, locals_: list[str], linears: dict, stats: Any, act_qparams) -> dict[str, tuple]:
+        """{local name: (QuantizedWeight or None, activation qparams or None, report row)}
+        for layers that read the same input and share ``stats``."""
+        names = [ctx.full_name(n) for n in locals_]
+        specs = [self.config.weight_spec_for(n) for n in names]
+        with_w = [i for i, sp in enumerate(specs) if sp is not None]
+        solved = self.solve_many([names[i] for i in with_w], [linears[locals_[i]] for i in with_w], [specs[i] for i in with_w], stats)
+        qweights = dict(zip(with_w, solved))
+        result = {}
+        for i, local in enumerate(locals_):
+            module, qweight = linears[local], qweights.get(i)
+            record: dict[str, Any] = {"layer": names[i], "shape": list(module.weight.shape)}
+            if qweight is not None:
+                record["format"] = specs[i].describe()
+                record["weight_rel_error"] = error_metrics(module.weight.detach().float(), qweight.dequantize())["rel_fro"]
+                record.update(self.layer_record(names[i], module, qweight, stats))
+            if self.config.act is not None:
+                record["act_format"] = self.config.act.describe()
+            if act_qparams is not None:
+                record["act_scale"] = float(act_qparams[0])
+                record["act_zero"] = float(act_qparams[1])
+            result[local] = (qweight, act_qparams, record)
+        return result
+
+    def solve_many(self, names: list[str], modules: list[nn.Module], specs: list[WeightSpec], stats: Any) -> list[QuantizedWeight]:
+        """Solve layers that read the same input (and share ``stats``); default: one by one."""
+        return [self.solve(n, m, sp, stats) for n, m, sp in zip(names, modules, specs)]
 
     def _install(self, ctx: BlockContext, linears: dict[str, nn.Module], done: dict[str, tuple]) -> None:
         for local, (qweight, act_qparams, record) in done.items():

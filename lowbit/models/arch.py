@@ -53,10 +53,12 @@ def input_groups(block: nn.Module, run_forward) -> list[list[str]]:
     reads which tensor.
     """
     order: list[tuple[str, int]] = []
+    alive = []  # hold every input so no id is reused by a later tensor during the trace
     handles = []
 
     def hook(name):
         def fn(_mod, args):
+            alive.append(args[0])
             order.append((name, id(args[0])))
 
         return fn

@@ -1,0 +1,240 @@
+"""GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", 2022).
+
+Observe: the Hessian of the layer-wise squared error, H = 2/N * sum x x^T over the N
+calibration tokens of the layer's input. Solve: quantize the weight one input column at a
+time and spread each column's rounding error over the columns not yet quantized, weighted
+by the inverse Hessian, so the layer's output on the calibration inputs moves as little as
+possible. The paper's three tricks are here: a fixed column order shared by all rows, lazy
+batch updates over blocks of ``block_size`` columns, and the Cholesky form of the inverse
+Hessian (with damping, raised automatically when the factorization fails).
+
+Options (``--option key=value``): damp_percent, block_size, act_order (the "desc_act"
+order: columns by decreasing Hessian diagonal), static_groups (group scales from the
+original weights, fixed before the first update, so act-order keeps a trivial g_idx).
+Layers that share an input (q/k/v, gate/up) share one Hessian and are solved as one
+stacked matrix: GPTQ treats rows independently, so this is exact and cheaper.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import WeightSpec
+from ..errors import LowbitError
+from ..formats.integer import torch_dtype
+from ..formats.weights import QuantizedWeight, default_g_idx, grid_of, qparams_for, quantize_weight
+from .base import Algorithm, register
+
+log = logging.getLogger(__name__)
+
+
+class Hessian:
+    """Running H = 2/N * X^T X over the inputs seen (float32, as the reference does)."""
+
+    def __init__(self, n_in: int):
+        self.H = torch.zeros(n_in, n_in)
+        self.n = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        if m == 0:
+            return
+        self.H.mul_(self.n / (self.n + m))
+        self.n += m
+        x = x * math.sqrt(2.0 / self.n)
+        self.H.addmm_(x.t(), x)
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, damp_percent: float, name: str = "layer") -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp*I)^-1, with damp = damp_percent * mean(diag H).
+
+    When H + damp*I is not positive definite (too few tokens, duplicated inputs), damping
+    is raised tenfold, up to six times, each time with a logged note. Computed in float64.
+    """
+    if not torch.isfinite(H).all():
+        raise LowbitError(f"layer {name}: the Hessian has NaN/inf entries (non-finite calibration activations)")
+    H64 = H.double()
+    mean_diag = float(torch.diagonal(H64).mean())
+    damp = damp_percent * (mean_diag if mean_diag > 0 else 1.0)
+    eye = torch.eye(H.shape[0], dtype=torch.float64)
+    for attempt in range(7):
+        L, info = torch.linalg.cholesky_ex(H64 + damp * eye)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0:
+                return U.float(), damp
+        if attempt < 6:
+            log.info("layer %s: Hessian not positive definite with damping %.3g; raising it tenfold", name, damp)
+            damp *= 10
+    raise LowbitError(f"layer {name}: Hessian not positive definite even with damping {damp:.3g}")
+
+
+@dataclass
+class GPTQResult:
+    qweight: QuantizedWeight
+    loss: torch.Tensor  # per row: sum over columns of (w - q)^2 / (2 * Hinv_jj^2), GPTQ's proxy
+    damp: float
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: WeightSpec,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+    name: str = "layer",
+) -> GPTQResult:
+    """Quantize W [out, in] with GPTQ under the Hessian H [in, in]. Pure function."""
+    W = W.detach().float().clone()
+    n_rows, n = W.shape
+    if H.shape != (n, n):
+        raise LowbitError(f"layer {name}: Hessian shape {tuple(H.shape)} does not match weight {tuple(W.shape)}")
+    H = H.clone()
+    dead = torch.diagonal(H) == 0  # inputs that are always zero: their weights never matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    grid = grid_of(spec)
+    sdtype = torch_dtype(spec.scale_dtype)
+    gs = spec.group_size or n
+    n_groups = math.ceil(n / gs)
+    natural_g = default_g_idx(n, spec.group_size)
+
+    if static_groups:
+        fixed_scale, fixed_zero = qparams_for(W, spec, natural_g, n_groups)
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv, damp = inverse_hessian_cholesky(H, damp_percent, name)
+
+    scale = torch.ones(n_rows, n_groups, dtype=sdtype)
+    zero = torch.zeros(n_rows, n_groups)
+    codes = torch.empty(n_rows, n)
+    losses = torch.zeros(n_rows)
+    s = z = None
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static_groups:
+                g = int(natural_g[perm[col]] if perm is not None else natural_g[col])
+                s, z = fixed_scale[:, g].float(), fixed_zero[:, g]
+            elif col % gs == 0:
+                # group parameters from the current (already error-updated) weights
+                g = col // gs
+                cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
+                sc, zc = qparams_for(cur, spec, torch.zeros(cur.shape[1], dtype=torch.int32), 1)
+                scale[:, g], zero[:, g] = sc[:, 0], zc[:, 0]
+                s, z = sc[:, 0].float(), zc[:, 0]
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w / s) + z, grid.qmin, grid.qmax)
+            codes[:, col] = q
+            err = (w - (q - z) * s) / Hinv1[i, i]
+            Err1[:, i] = err
+            W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1)
+        losses += Err1.pow(2).sum(1) / 2
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+
+    if static_groups:
+        scale, zero = fixed_scale, fixed_zero
+        g_idx = natural_g.clone()
+    else:
+        g_idx = (torch.arange(n) // gs).to(torch.int32)  # groups run along the solve order
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]
+        if not static_groups:
+            g_idx = g_idx[inv]
+    qw = QuantizedWeight(
+        codes=codes.to(torch.uint8),
+        scale=scale.to(sdtype),
+        zero=None if spec.symmetric else zero.to(torch.uint8),
+        g_idx=g_idx.to(torch.int32),
+        grid=grid,
+        group_size=spec.group_size,
+    )
+    return GPTQResult(qw, losses, damp)
+
+
+def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """Relative error of the layer output on the calibration inputs, from the Hessian:
+    ||X (W - W_hat)^T|| / ||X W^T|| = sqrt(tr(D H D^T) / tr(W H W^T)), D = W - W_hat."""
+    D = (W.float() - W_hat.float()).double()
+    Hd = H.double()
+    num = float(((D @ Hd) * D).sum())
+    den = float(((W.double() @ Hd) * W.double()).sum())
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    damp_percent: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.damp_percent < 1:
+            raise LowbitError(f"damp_percent must be in (0, 1), got {self.damp_percent}")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise LowbitError(f"block_size must be a positive integer, got {self.block_size}")
+
+
+@register
+class GPTQ(Algorithm):
+    name = "gptq"
+    summary = "GPTQ: Hessian-weighted column-by-column rounding with error feedback (act-order, static groups, damping)"
+    Options = GPTQOptions
+
+    def uses_calibration(self) -> bool:
+        return True
+
+    def new_stats(self, name: str, module: nn.Module) -> Hessian:
+        return Hessian(module.in_features)
+
+    def solve(self, name: str, module: nn.Module, spec: WeightSpec, stats: Any) -> QuantizedWeight:
+        return self.solve_many([name], [module], [spec], stats)[0]
+
+    def solve_many(self, names, modules, specs, stats) -> list[QuantizedWeight]:
+        if stats is None or stats.n == 0:
+            raise LowbitError(f"layer {names[0]}: GPTQ needs calibration inputs, and this layer saw none")
+        o = self.options
+        if all(sp == specs[0] for sp in specs):  # one stacked solve: rows are independent
+            W = torch.cat([m.weight.detach().float() for m in modules])
+            res = gptq_quantize(W, stats.H, specs[0], o.damp_percent, o.block_size, o.act_order, o.static_groups, names[0])
+            out, row = [], 0
+            for m in modules:
+                k = m.weight.shape[0]
+                q = res.qweight
+                out.append(QuantizedWeight(q.codes[row : row + k], q.scale[row : row + k], None if q.zero is None else q.zero[row : row + k], q.g_idx, q.grid, q.group_size))
+                self._extra[id(m)] = (float(res.loss[row : row + k].sum()), res.damp)
+                row += k
+            return out
+        return [self.solve_many([n], [m], [sp], stats)[0] for n, m, sp in zip(names, modules, specs)]
+
+    def layer_record(self, name: str, module: nn.Module, qweight: QuantizedWeight, stats: Any) -> dict:
+        W = module.weight.detach().float()
+        rtn = quantize_weight(W, self.config.weight_spec_for(name), name=name).dequantize()
+        loss, damp = self._extra.pop(id(module), (None, None))
+        return {
+            "output_rel_error": output_error(W, qweight.dequantize(), stats.H),
+            "rtn_output_rel_error": output_error(W, rtn, stats.H),
+            "gptq_loss": loss,
+            "damp": damp,
+        }
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._extra: dict[int, tuple] = {}
