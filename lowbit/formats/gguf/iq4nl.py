@@ -27,8 +27,11 @@ from __future__ import annotations
 import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 
-from .common import F32, GROUP_MAX_EPS, fp16_bytes, fp16_from_bytes, pack_nibbles, safe_div, signed_absmax, to_fp16
+from .common import F32, GROUP_MAX_EPS, fp16_bytes, fp16_from_bytes, pack_nibbles, safe_div, to_fp16
+from .search import colsum, columns, first_absmax
 from .table import BlockCodec
+
+QK4_NL = 32
 
 GRID = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 
@@ -59,21 +62,21 @@ class IQ4_NL(BlockCodec, ggml_type=T.IQ4_NL):
 
     @classmethod
     def quantize_blocks(cls, blocks, importance=None):
-        x = np.asarray(blocks, dtype=F32)
+        # Position-major layout: sums over a block run in ggml's order (see search.py).
+        xt = columns(blocks)
         if importance is None:
-            w = x * x
+            wt = xt * xt
         else:
-            sigma2 = (F32(2) * (x * x).sum(axis=1, keepdims=True) / F32(x.shape[1])).astype(F32)
-            w = (importance * np.sqrt(sigma2 + x * x)).astype(F32)
-        wx = w * x
-        mx = signed_absmax(x)
+            sigma2 = colsum(xt * xt) * F32(2 / QK4_NL)
+            wt = columns(importance) * np.sqrt(sigma2 + xt * xt)
+        mx = first_absmax(xt)
         live = np.abs(mx) >= GROUP_MAX_EPS
         mx = np.where(live, mx, F32(1))
 
         def fit(iscale):
-            q = _VALUE[_slot(iscale[:, None] * x)]
-            wq = w * q
-            return np.einsum("ij,ij->i", wx, q), np.einsum("ij,ij->i", wq, q)
+            q = _VALUE[_slot(iscale * xt)]
+            wq = wt * q
+            return colsum(wq * xt), colsum(wq * q)
 
         sumqx, sumq2 = fit(F32(1) / (-mx / F32(GRID[0])))
         d = safe_div(sumqx, sumq2, sumq2 > 0)
@@ -88,7 +91,7 @@ class IQ4_NL(BlockCodec, ggml_type=T.IQ4_NL):
         # Re-assign with the float32 d (not its fp16 rounding), as llama.cpp does. A dead
         # block gets 1/d = 0, so every weight takes the index of the grid value nearest 0.
         inv = safe_div(np.ones_like(d), d, d != 0)
-        idx = nearest_index(inv[:, None] * x)
+        idx = nearest_index(inv * xt).T
         return np.concatenate([fp16_bytes(dh), pack_nibbles(idx[:, :16], idx[:, 16:])], axis=1)
 
     @classmethod

@@ -33,7 +33,7 @@ from .common import (
     to_fp16,
     unpack_bit_planes,
 )
-from .search import asymmetric_search, positive_scale_search, symmetric_refine, symmetric_search
+from .search import asymmetric_search, positive_scale_search, seq_rowsum, symmetric_refine, symmetric_search
 from .table import QK_K, BlockCodec
 
 
@@ -51,7 +51,7 @@ def _sub_blocks(blocks: np.ndarray, size: int) -> np.ndarray:
 
 def _super_sigma2(blocks: np.ndarray, factor: float) -> np.ndarray:
     """factor * mean(x^2) over each super-block, broadcastable to (n, 256)."""
-    return (F32(factor) * (blocks * blocks).sum(axis=1) / F32(QK_K)).astype(F32)[:, None]
+    return (F32(factor) * seq_rowsum(blocks * blocks) / F32(QK_K)).astype(F32)[:, None]
 
 
 def _quantize_by_max(values: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,21 +64,25 @@ def _quantize_by_max(values: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarr
     return step, codes
 
 
-def _requantize_offset(x, d_sub, m_sub, nmax):
-    """Codes of x = d_sub * q - m_sub, q in 0..nmax; 0 where d_sub == 0 (all decode to -m)."""
+# Where a sub-block's stored scale decodes to 0 its codes do not affect the decoded
+# values; like ggml we then keep the codes the search found (so bytes match ggml's).
+
+
+def _requantize_offset(x, d_sub, m_sub, nmax, search_codes):
+    """Codes of x = d_sub * q - m_sub, q in 0..nmax."""
     ok = d_sub != 0
     with np.errstate(divide="ignore", invalid="ignore"):
         q = round_half_even((x + m_sub[..., None]) / np.where(ok, d_sub, F32(1))[..., None])
-    return np.where(ok[..., None], np.clip(q, F32(0), F32(nmax)), F32(0)).astype(np.uint8)
+    return np.where(ok[..., None], np.clip(q, F32(0), F32(nmax)), search_codes).astype(np.uint8)
 
 
-def _requantize_symmetric(x, d_sub, nmax):
-    """Codes q + nmax of x = d_sub * q, q in -nmax..nmax-1; the zero code where d_sub == 0."""
+def _requantize_symmetric(x, d_sub, nmax, search_codes):
+    """Codes q + nmax of x = d_sub * q, q in -nmax..nmax-1."""
     ok = d_sub != 0
     with np.errstate(divide="ignore", invalid="ignore"):
         q = round_half_even(x / np.where(ok, d_sub, F32(1))[..., None])
-    q = np.where(ok[..., None], np.clip(q, F32(-nmax), F32(nmax - 1)), F32(0))
-    return (q + F32(nmax)).astype(np.uint8)
+    q = np.clip(q, F32(-nmax), F32(nmax - 1)) + F32(nmax)
+    return np.where(ok[..., None], q, search_codes).astype(np.uint8)
 
 
 def _pack_2bit(codes: np.ndarray) -> np.ndarray:
@@ -137,8 +141,8 @@ def _asymmetric_superblock(cls, blocks, importance, *, sub, nmax, code_bits, ref
 
     ``ref_search`` = (rmin, rdelta, nstep, use_mad, weighting) of the search without
     importance; ``sigma2_factor`` scales the super-block mean square in the importance
-    weights (1 for Q2_K, 2 for Q4_K/Q5_K, as in llama.cpp). Returns fp16 d, fp16 dmin
-    and the (n, n_sub) scale and min codes.
+    weights (1 for Q2_K, 2 for Q4_K/Q5_K, as in llama.cpp). Returns fp16 d, fp16 dmin,
+    the (n, n_sub) scale and min codes and the search's (n, n_sub, sub) weight codes.
     """
     xs = _sub_blocks(blocks, sub)
     top = (1 << code_bits) - 1
@@ -147,8 +151,8 @@ def _asymmetric_superblock(cls, blocks, importance, *, sub, nmax, code_bits, ref
         if weighting == "abs":  # Q2_K: 16 weights, fit by weighted absolute error
             w = np.abs(xs)
         else:  # Q4_K/Q5_K: sub-block rms plus |x| keeps small weights from being ignored
-            w = np.sqrt((xs * xs).sum(axis=1, keepdims=True) / F32(sub)) + np.abs(xs)
-        scale, the_min, _ = asymmetric_search(xs, w.astype(F32), nmax, rmin, rdelta, nstep, use_mad)
+            w = np.sqrt(seq_rowsum(xs * xs) / F32(sub))[:, None] + np.abs(xs)
+        scale, the_min, codes = asymmetric_search(xs, w.astype(F32), nmax, rmin, rdelta, nstep, use_mad, True)
         scale, the_min = scale.reshape(len(blocks), -1), the_min.reshape(len(blocks), -1)
         d, sc = _quantize_by_max(scale, top)
         dmin, mc = _quantize_by_max(the_min, top)
@@ -156,19 +160,21 @@ def _asymmetric_superblock(cls, blocks, importance, *, sub, nmax, code_bits, ref
         sigma2 = _super_sigma2(blocks, sigma2_factor)
         w = (importance * np.sqrt(sigma2 + blocks * blocks)).astype(F32)
         ws = _sub_blocks(w, sub)
-        scale, the_min, _ = asymmetric_search(xs, ws, nmax, -0.9, 0.05, 36)
+        scale, the_min, codes = asymmetric_search(xs, ws, nmax, -0.9, 0.05, 36, want_codes=True)
         scale, the_min = scale.reshape(len(blocks), -1), the_min.reshape(len(blocks), -1)
-        sw = ws.sum(axis=1).reshape(len(blocks), -1)
+        sw = seq_rowsum(ws).reshape(len(blocks), -1)
         d, sc = positive_scale_search(scale, sw, top)
         dmin, mc = positive_scale_search(the_min, sw, top)
-    return to_fp16(d, cls.name), to_fp16(dmin, cls.name, "min"), sc, mc
+    codes = codes.reshape(len(blocks), -1, sub)
+    return to_fp16(d, cls.name), to_fp16(dmin, cls.name, "min"), sc, mc, codes
 
 
-def _offset_codes(blocks, dh, dminh, sc, mc, sub, nmax):
+def _offset_codes(blocks, dh, dminh, sc, mc, sub, nmax, search_codes):
     """Step 3 for the offset k-quants: (n, 256) codes against the stored scales."""
     d_sub = dh.astype(F32)[:, None] * sc.astype(F32)
     m_sub = dminh.astype(F32)[:, None] * mc.astype(F32)
-    return _requantize_offset(blocks.reshape(len(blocks), -1, sub), d_sub, m_sub, nmax).reshape(-1, QK_K)
+    x = blocks.reshape(len(blocks), -1, sub)
+    return _requantize_offset(x, d_sub, m_sub, nmax, search_codes).reshape(-1, QK_K)
 
 
 def _offset_decode(d, dmin, sc, mc, codes, sub):
@@ -194,10 +200,10 @@ class Q2_K(_KQuant, ggml_type=T.Q2_K):
     @classmethod
     def quantize_blocks(cls, blocks, importance=None):
         blocks = np.asarray(blocks, dtype=F32)
-        dh, dminh, sc, mc = _asymmetric_superblock(
+        dh, dminh, sc, mc, search_codes = _asymmetric_superblock(
             cls, blocks, importance, sub=16, nmax=3, code_bits=4, ref_search=(-0.5, 0.1, 15, True, "abs"), sigma2_factor=1.0
         )
-        codes = _offset_codes(blocks, dh, dminh, sc, mc, 16, 3)
+        codes = _offset_codes(blocks, dh, dminh, sc, mc, 16, 3, search_codes)
         scales = (sc.astype(np.uint8) & 0x0F) | (mc.astype(np.uint8) << 4)
         return np.concatenate([scales, _pack_2bit(codes), fp16_bytes(dh), fp16_bytes(dminh)], axis=1)
 
@@ -231,7 +237,7 @@ class Q3_K(_KQuant, ggml_type=T.Q3_K):
         if importance is None:
             # llama.cpp's reference: weights x^2 and a coordinate-descent refinement, then
             # the sub-scale of largest magnitude sets d so that it maps to -32.
-            scale, _ = symmetric_refine(xs, 4)
+            scale, search_codes = symmetric_refine(xs, 4)
             scale = scale.reshape(n, 16)
             smax = signed_absmax(scale)
             live = smax != 0
@@ -242,12 +248,13 @@ class Q3_K(_KQuant, ggml_type=T.Q3_K):
         else:
             sigma2 = _super_sigma2(blocks, 2.0)
             w = _sub_blocks((importance * np.sqrt(sigma2 + blocks * blocks)).astype(F32), 16)
-            scale, _ = symmetric_search(xs, w, 4)
-            sw = w.sum(axis=1).reshape(n, 16)
+            scale, search_codes = symmetric_search(xs, w, 4)
+            sw = seq_rowsum(w).reshape(n, 16)
             d, s = symmetric_search(scale.reshape(n, 16), sw, 32)  # s already offset by 32
         dh = to_fp16(d, cls.name)
         d_sub = dh.astype(F32)[:, None] * (s - F32(32))
-        codes = _requantize_symmetric(blocks.reshape(n, 16, 16), d_sub, 4).reshape(n, QK_K)
+        search_codes = search_codes.reshape(n, 16, 16)
+        codes = _requantize_symmetric(blocks.reshape(n, 16, 16), d_sub, 4, search_codes).reshape(n, QK_K)
         s = s.astype(np.uint8)
         scales = np.concatenate(
             [pack_nibbles(s[:, 0:8], s[:, 8:16]), pack_bit_planes((s >> 4).reshape(n, 4, 4), 2)], axis=1
@@ -286,10 +293,10 @@ class Q4_K(_KQuant, ggml_type=T.Q4_K):
     @classmethod
     def quantize_blocks(cls, blocks, importance=None):
         blocks = np.asarray(blocks, dtype=F32)
-        dh, dminh, sc, mc = _asymmetric_superblock(
+        dh, dminh, sc, mc, search_codes = _asymmetric_superblock(
             cls, blocks, importance, sub=32, nmax=15, code_bits=6, ref_search=(-1.0, 0.1, 20, False, "rms"), sigma2_factor=2.0
         )
-        codes = _offset_codes(blocks, dh, dminh, sc, mc, 32, 15)
+        codes = _offset_codes(blocks, dh, dminh, sc, mc, 32, 15, search_codes)
         return np.concatenate(
             [fp16_bytes(dh), fp16_bytes(dminh), _pack_scale_min_6bit(sc, mc), _pack_4bit_pairs(codes)], axis=1
         )
@@ -318,10 +325,10 @@ class Q5_K(_KQuant, ggml_type=T.Q5_K):
     @classmethod
     def quantize_blocks(cls, blocks, importance=None):
         blocks = np.asarray(blocks, dtype=F32)
-        dh, dminh, sc, mc = _asymmetric_superblock(
+        dh, dminh, sc, mc, search_codes = _asymmetric_superblock(
             cls, blocks, importance, sub=32, nmax=31, code_bits=6, ref_search=(-0.5, 0.1, 15, False, "rms"), sigma2_factor=2.0
         )
-        codes = _offset_codes(blocks, dh, dminh, sc, mc, 32, 31)
+        codes = _offset_codes(blocks, dh, dminh, sc, mc, 32, 31, search_codes)
         qh = pack_bit_planes((codes >> 4).reshape(-1, 8, 32), 1)
         return np.concatenate(
             [fp16_bytes(dh), fp16_bytes(dminh), _pack_scale_min_6bit(sc, mc), qh, _pack_4bit_pairs(codes & 0x0F)],
@@ -361,7 +368,7 @@ class Q6_K(_KQuant, ggml_type=T.Q6_K):
         # Default weights x^2; with importance llama.cpp passes the imatrix as the weights
         # directly (its sqrt(sigma2 + x^2) factor is commented out for this type).
         w = xs * xs if importance is None else _sub_blocks(np.asarray(importance, dtype=F32), 16)
-        scale, _ = symmetric_search(xs, w, 32)
+        scale, search_codes = symmetric_search(xs, w, 32)
         scale = scale.reshape(n, 16)
         smax = signed_absmax(scale)
         live = np.abs(smax) >= GROUP_MAX_EPS
@@ -369,7 +376,8 @@ class Q6_K(_KQuant, ggml_type=T.Q6_K):
         sc = np.where(live[:, None], np.clip(round_half_even(inv[:, None] * scale), F32(-128), F32(127)), F32(0))
         dh = to_fp16(safe_div(np.ones_like(inv), inv, live), cls.name)
         d_sub = dh.astype(F32)[:, None] * sc
-        codes = _requantize_symmetric(blocks.reshape(n, 16, 16), d_sub, 32).reshape(n, QK_K)
+        search_codes = search_codes.reshape(n, 16, 16)
+        codes = _requantize_symmetric(blocks.reshape(n, 16, 16), d_sub, 32, search_codes).reshape(n, QK_K)
         codes = np.where(live[:, None], codes, np.uint8(0))  # a dead block is all zero bytes
         quarters = codes.reshape(n, 2, 4, 32)
         ql = np.concatenate(

@@ -56,6 +56,24 @@ def _unpack_fifth_bits(qh: np.ndarray) -> np.ndarray:
     return np.unpackbits(qh, axis=1, bitorder="little")[:, :32] << 4
 
 
+# The two helpers below pick extremes exactly as ggml's loops do, down to the sign of a
+# zero: a block of zeros has extreme +0.0 (the loop's starting value), and among equal
+# values the first wins. (gguf-py differs only there: for an all-zero block that starts
+# with -0.0 it stores d = +0.0 where ggml stores -0.0; both decode to zeros.)
+
+
+def _extreme(blocks: np.ndarray) -> np.ndarray:
+    """The first element of largest magnitude, with its sign; +0.0 for an all-zero block."""
+    m = signed_absmax(blocks)
+    return np.where(m == 0, F32(0), m)
+
+
+def _first_min_max(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lo = np.take_along_axis(blocks, np.argmin(blocks, axis=1)[:, None], axis=1)[:, 0]
+    hi = np.take_along_axis(blocks, np.argmax(blocks, axis=1)[:, None], axis=1)[:, 0]
+    return lo, hi
+
+
 class _Legacy(BlockCodec):
     needs_row_sigma2 = True
 
@@ -75,7 +93,7 @@ class Q4_0(_Legacy, ggml_type=T.Q4_0):
     def quantize_blocks(cls, blocks, importance=None, *, row_sigma2=None):
         blocks = np.asarray(blocks, dtype=F32)
         if importance is None:
-            d = signed_absmax(blocks) / F32(-8)
+            d = _extreme(blocks) / F32(-8)
             inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
             codes = np.minimum(np.trunc(blocks * inv[:, None] + F32(8.5)), F32(15))
         else:
@@ -105,7 +123,7 @@ class Q4_1(_Legacy, ggml_type=T.Q4_1):
     def quantize_blocks(cls, blocks, importance=None, *, row_sigma2=None):
         blocks = np.asarray(blocks, dtype=F32)
         if importance is None:
-            lo, hi = blocks.min(axis=1), blocks.max(axis=1)
+            lo, hi = _first_min_max(blocks)
             d = (hi - lo) / F32(15)
             inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
             codes = np.minimum(np.trunc((blocks - lo[:, None]) * inv[:, None] + F32(0.5)), F32(15))
@@ -139,7 +157,7 @@ class Q5_0(_Legacy, ggml_type=T.Q5_0):
     def quantize_blocks(cls, blocks, importance=None, *, row_sigma2=None):
         blocks = np.asarray(blocks, dtype=F32)
         if importance is None:
-            d = signed_absmax(blocks) / F32(-16)
+            d = _extreme(blocks) / F32(-16)
             inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
             codes = np.minimum(np.trunc(blocks * inv[:, None] + F32(16.5)), F32(31))
         else:
@@ -169,7 +187,7 @@ class Q5_1(_Legacy, ggml_type=T.Q5_1):
     def quantize_blocks(cls, blocks, importance=None, *, row_sigma2=None):
         blocks = np.asarray(blocks, dtype=F32)
         if importance is None:
-            lo, hi = blocks.min(axis=1), blocks.max(axis=1)
+            lo, hi = _first_min_max(blocks)
             d = (hi - lo) / F32(31)
             inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
             codes = np.minimum(np.trunc((blocks - lo[:, None]) * inv[:, None] + F32(0.5)), F32(31))

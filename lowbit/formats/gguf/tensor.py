@@ -12,11 +12,12 @@ from gguf.constants import GGMLQuantizationType
 
 from ...errors import LowbitError
 from .common import F32
+from .search import seq_rowsum
 from .table import BlockCodec, codec_for
 
 # Rows are quantized in chunks of about this many weights: large enough that numpy's
 # per-call overhead vanishes, small enough that the searches' temporaries stay in cache.
-CHUNK_WEIGHTS = 1 << 16
+CHUNK_WEIGHTS = 1 << 17
 
 TypeLike = str | int | GGMLQuantizationType
 
@@ -81,7 +82,7 @@ def quantize_tensor(w, qtype: TypeLike, importance=None) -> np.ndarray:
         if imp is not None:
             kwargs["importance"] = np.broadcast_to(imp, (n, per_row, codec.block_size)).reshape(-1, codec.block_size)
             if codec.needs_row_sigma2:
-                sigma2 = (part * part).sum(axis=1) / F32(cols)
+                sigma2 = seq_rowsum(part * part) / F32(cols)
                 kwargs["row_sigma2"] = np.repeat(sigma2.astype(F32), per_row)
         q = codec.quantize_blocks(part.reshape(-1, codec.block_size), **kwargs)
         out[r0 : r0 + n] = q.reshape(n, -1)
