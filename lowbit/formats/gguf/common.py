@@ -90,5 +90,18 @@ def signed_absmax(x: np.ndarray) -> np.ndarray:
 
 
 def safe_div(num: np.ndarray, den: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """num/den where ``ok``, 0 elsewhere, without ever evaluating a division by zero."""
-    return np.where(ok, num / np.where(ok, den, F32(1)), F32(0)).astype(F32, copy=False)
+    """num/den where ``ok``, 0 elsewhere; never divides by zero.
+
+    A quotient that overflows (a subnormal denominator, i.e. weights ~1e-40 that are
+    zeros for every practical purpose) also gives 0: its scale rounds to a float16 zero
+    anyway, and 0 keeps every code derived from it defined.
+    """
+    ok = ok & (den != 0)
+    with np.errstate(over="ignore"):
+        q = np.asarray(num, dtype=F32) / np.where(ok, den, F32(1))
+    return np.where(ok & np.isfinite(q), q, F32(0)).astype(F32, copy=False)
+
+
+def reciprocal(d: np.ndarray) -> np.ndarray:
+    """1/d, or 0 where d is 0 (ggml's ``d ? 1/d : 0``) or 1/d overflows."""
+    return safe_div(np.ones_like(d, dtype=F32), d, d != 0)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 
-from .common import F32, GROUP_MAX_EPS, fp16_bytes, fp16_from_bytes, pack_nibbles, safe_div, to_fp16
+from .common import F32, GROUP_MAX_EPS, fp16_bytes, fp16_from_bytes, pack_nibbles, reciprocal, safe_div, to_fp16
 from .search import colsum, columns, first_absmax
 from .table import BlockCodec
 
@@ -90,7 +90,7 @@ class IQ4_NL(BlockCodec, ggml_type=T.IQ4_NL):
         dh = to_fp16(d, cls.name)
         # Re-assign with the float32 d (not its fp16 rounding), as llama.cpp does. A dead
         # block gets 1/d = 0, so every weight takes the index of the grid value nearest 0.
-        inv = safe_div(np.ones_like(d), d, d != 0)
+        inv = reciprocal(d)
         idx = nearest_index(inv * xt).T
         return np.concatenate([fp16_bytes(dh), pack_nibbles(idx[:, :16], idx[:, 16:])], axis=1)
 

@@ -71,16 +71,14 @@ def _quantize_by_max(values: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarr
 def _requantize_offset(x, d_sub, m_sub, nmax, search_codes):
     """Codes of x = d_sub * q - m_sub, q in 0..nmax."""
     ok = d_sub != 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = round_half_even((x + m_sub[..., None]) / np.where(ok, d_sub, F32(1))[..., None])
+    q = round_half_even((x + m_sub[..., None]) / np.where(ok, d_sub, F32(1))[..., None])
     return np.where(ok[..., None], np.clip(q, F32(0), F32(nmax)), search_codes).astype(np.uint8)
 
 
 def _requantize_symmetric(x, d_sub, nmax, search_codes):
     """Codes q + nmax of x = d_sub * q, q in -nmax..nmax-1."""
     ok = d_sub != 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = round_half_even(x / np.where(ok, d_sub, F32(1))[..., None])
+    q = round_half_even(x / np.where(ok, d_sub, F32(1))[..., None])
     q = np.clip(q, F32(-nmax), F32(nmax - 1)) + F32(nmax)
     return np.where(ok[..., None], q, search_codes).astype(np.uint8)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 
-from .common import F32, fp16_bytes, fp16_from_bytes, pack_nibbles, round_half_away, signed_absmax, to_fp16
+from .common import F32, fp16_bytes, fp16_from_bytes, pack_nibbles, reciprocal, round_half_away, signed_absmax, to_fp16
 from .search import asymmetric_search, symmetric_search
 from .table import BlockCodec
 
@@ -94,7 +94,7 @@ class Q4_0(_Legacy, ggml_type=T.Q4_0):
         blocks = np.asarray(blocks, dtype=F32)
         if importance is None:
             d = _extreme(blocks) / F32(-8)
-            inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
+            inv = reciprocal(d)
             codes = np.minimum(np.trunc(blocks * inv[:, None] + F32(8.5)), F32(15))
         else:
             w = _importance_weights(blocks, importance, row_sigma2)
@@ -125,7 +125,7 @@ class Q4_1(_Legacy, ggml_type=T.Q4_1):
         if importance is None:
             lo, hi = _first_min_max(blocks)
             d = (hi - lo) / F32(15)
-            inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
+            inv = reciprocal(d)
             codes = np.minimum(np.trunc((blocks - lo[:, None]) * inv[:, None] + F32(0.5)), F32(15))
             m = lo
         else:
@@ -158,7 +158,7 @@ class Q5_0(_Legacy, ggml_type=T.Q5_0):
         blocks = np.asarray(blocks, dtype=F32)
         if importance is None:
             d = _extreme(blocks) / F32(-16)
-            inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
+            inv = reciprocal(d)
             codes = np.minimum(np.trunc(blocks * inv[:, None] + F32(16.5)), F32(31))
         else:
             w = _importance_weights(blocks, importance, row_sigma2)
@@ -189,7 +189,7 @@ class Q5_1(_Legacy, ggml_type=T.Q5_1):
         if importance is None:
             lo, hi = _first_min_max(blocks)
             d = (hi - lo) / F32(31)
-            inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
+            inv = reciprocal(d)
             codes = np.minimum(np.trunc((blocks - lo[:, None]) * inv[:, None] + F32(0.5)), F32(31))
             m = lo
         else:
@@ -225,7 +225,7 @@ class Q8_0(_Legacy, ggml_type=T.Q8_0):
         del importance, row_sigma2  # nothing to search: 8 bits leave no choice worth making
         blocks = np.asarray(blocks, dtype=F32)
         d = np.abs(blocks).max(axis=1) / F32(127)
-        inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
+        inv = reciprocal(d)
         q = round_half_away(blocks * inv[:, None]).astype(np.int8)
         dh = to_fp16(d, cls.name)
         return np.concatenate([fp16_bytes(dh), q.view(np.uint8)], axis=1)

@@ -100,7 +100,13 @@ def symmetric_refine(x: np.ndarray, nmax: int, passes: int = 5) -> tuple[np.ndar
     xt = columns(x)
     mx = first_absmax(xt)
     live = np.abs(mx) >= GROUP_MAX_EPS
-    mx = np.where(live, mx, F32(1))
+    # The sweep compares products of eight powers of x (x^2 weights, squared sums), which
+    # overflow float32 once |x| passes ~1e4. Every comparison and code is unchanged when
+    # a group is scaled by a power of two, which is exact, so work on groups brought to
+    # max |x| in [0.5, 1) and scale the result back.
+    exp = np.frexp(np.where(live, mx, F32(1)))[1]
+    xt = np.ldexp(xt, -exp).astype(F32)
+    mx = np.where(live, np.ldexp(mx, -exp), F32(1)).astype(F32)
     lo, hi = F32(-nmax), F32(nmax - 1)
     wt = xt * xt
     wxt = wt * xt
@@ -124,7 +130,7 @@ def symmetric_refine(x: np.ndarray, nmax: int, passes: int = 5) -> tuple[np.ndar
                 np.copyto(suml2, sl2, where=take)
         if not changed:
             break
-    scale = np.where(live, safe_div(sumlx, suml2, suml2 > 0), F32(0)).astype(F32)
+    scale = np.where(live, np.ldexp(safe_div(sumlx, suml2, suml2 > 0), exp), F32(0)).astype(F32)
     codes = np.where(live, ct + F32(nmax), F32(0))
     return scale, codes.T
 
@@ -177,39 +183,38 @@ def asymmetric_search(
         diff *= wt
         return colsum(diff)
 
-    iscale = nm / np.where(live, xmax - mn, F32(1))
-    scale = (F32(1) / iscale).astype(F32)
+    iscale = safe_div(nm, xmax - mn, live)
+    scale = safe_div(F32(1), iscale, live)
     codes = codes_at(iscale, np.empty_like(xt))
     best = error(scale, mn, codes)
     trial = np.empty_like(xt)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for s in range(nstep + 1):
-            span = xmax - mn
-            # After a refit the min can reach max; such a start gives all-zero codes,
-            # which the determinant test below rejects.
-            iscale = safe_div(F32(rmin) + F32(rdelta) * F32(s) + nm, span, span > 0)
-            codes_at(iscale, trial)
-            np.multiply(wt, trial, out=wl)
-            sl = colsum(wl)
-            sll = colsum(np.multiply(wl, trial, out=tmp))
-            sxl = colsum(np.multiply(wl, xt, out=tmp))
-            det = sum_w * sll - sl * sl
-            ok = live & (det > 0)
-            det = np.where(ok, det, F32(1))
-            t_scale = (sum_w * sxl - sum_x * sl) / det
-            t_min = (sll * sum_x - sl * sxl) / det
-            clamp = t_min > 0
-            t_min = np.where(clamp, F32(0), t_min)
-            t_scale = np.where(clamp, sxl / np.where(sll > 0, sll, F32(1)), t_scale)
-            err = error(t_scale, t_min, trial)
-            better = ok & (err < best)
-            if not better.any():
-                continue
-            best = np.where(better, err, best)
-            scale = np.where(better, t_scale, scale).astype(F32)
-            mn = np.where(better, t_min, mn).astype(F32)
-            if want_codes:
-                np.copyto(codes, trial, where=better)
+    for s in range(nstep + 1):
+        span = xmax - mn
+        # After a refit the min can reach max; such a start gives all-zero codes,
+        # which the determinant test below rejects.
+        iscale = safe_div(F32(rmin) + F32(rdelta) * F32(s) + nm, span, span > 0)
+        codes_at(iscale, trial)
+        np.multiply(wt, trial, out=wl)
+        sl = colsum(wl)
+        sll = colsum(np.multiply(wl, trial, out=tmp))
+        sxl = colsum(np.multiply(wl, xt, out=tmp))
+        det = sum_w * sll - sl * sl
+        ok = live & (det > 0)
+        det = np.where(ok, det, F32(1))
+        t_scale = (sum_w * sxl - sum_x * sl) / det
+        t_min = (sll * sum_x - sl * sxl) / det
+        clamp = t_min > 0
+        t_min = np.where(clamp, F32(0), t_min)
+        t_scale = np.where(clamp, sxl / np.where(sll > 0, sll, F32(1)), t_scale)
+        err = error(t_scale, t_min, trial)
+        better = ok & (err < best)
+        if not better.any():
+            continue
+        best = np.where(better, err, best)
+        scale = np.where(better, t_scale, scale).astype(F32)
+        mn = np.where(better, t_min, mn).astype(F32)
+        if want_codes:
+            np.copyto(codes, trial, where=better)
     scale = np.where(live, scale, F32(0)).astype(F32)
     the_min = (-mn).astype(F32)
     if want_codes:

@@ -22,7 +22,7 @@ CHUNK_WEIGHTS = 1 << 17
 TypeLike = str | int | GGMLQuantizationType
 
 
-def _as_float32(a, what: str) -> np.ndarray:
+def _as_float32(a) -> np.ndarray:
     if hasattr(a, "detach"):  # a torch tensor
         a = a.detach().to("cpu").float().numpy()
     return np.asarray(a, dtype=F32)
@@ -43,7 +43,7 @@ def _prepare_importance(importance, codec: type[BlockCodec], cols: int) -> np.nd
     """
     if importance is None:
         return None
-    imp = _as_float32(importance, "importance")
+    imp = _as_float32(importance)
     if imp.shape != (cols,):
         raise LowbitError(f"{codec.name}: importance has shape {tuple(imp.shape)}, expected ({cols},) for width {cols}")
     if not np.isfinite(imp).all() or (imp < 0).any():
@@ -54,7 +54,11 @@ def _prepare_importance(importance, codec: type[BlockCodec], cols: int) -> np.nd
         positive = imp[imp > 0]
         fill = positive.mean(dtype=np.float64) if positive.size else 1.0
         groups = np.where(dead[:, None], F32(fill), groups)
-    return groups.reshape(-1, codec.block_size).astype(F32)
+    # Every search decision is invariant to scaling all weights, and scaling by a power
+    # of two is exact in floating point; bringing the largest entry into [0.5, 1) keeps
+    # an imatrix with huge entries from overflowing float32 sums, and changes no byte.
+    groups = np.ldexp(groups, -np.frexp(groups.max())[1]).astype(F32)
+    return groups.reshape(-1, codec.block_size)
 
 
 def quantize_tensor(w, qtype: TypeLike, importance=None) -> np.ndarray:
@@ -64,7 +68,7 @@ def quantize_tensor(w, qtype: TypeLike, importance=None) -> np.ndarray:
     x^2 over calibration inputs), or None for llama.cpp's default weighting.
     """
     codec = codec_for(qtype)
-    w = _as_float32(w, "weights")
+    w = _as_float32(w)
     if w.ndim != 2:
         raise LowbitError(f"{codec.name}: expected a [rows, cols] matrix, got shape {tuple(w.shape)}")
     rows, cols = w.shape
@@ -72,8 +76,24 @@ def quantize_tensor(w, qtype: TypeLike, importance=None) -> np.ndarray:
     if not np.isfinite(w).all():
         raise LowbitError(f"{codec.name}: weights of width {cols} contain NaN or inf")
     imp = _prepare_importance(importance, codec, cols)
+    out = np.empty((rows, cols // codec.block_size * codec.type_size), dtype=np.uint8)
+    # Every division in the codecs is guarded, so a floating-point exception can only
+    # mean float32 overflow inside a search: weights far beyond any LLM's (~1e6 and up,
+    # depending on the type). ggml would carry on with inf and write garbage; we stop.
+    try:
+        with np.errstate(over="raise", invalid="raise", divide="raise"):
+            _quantize_rows(codec, w, imp, out)
+    except FloatingPointError:
+        raise LowbitError(
+            f"{codec.name}: weights of width {cols} up to {float(np.abs(w).max()):.4g} overflow float32 while "
+            f"searching scales; values this large are not supported"
+        ) from None
+    return out
+
+
+def _quantize_rows(codec: type[BlockCodec], w: np.ndarray, imp: np.ndarray | None, out: np.ndarray) -> None:
+    rows, cols = w.shape
     per_row = cols // codec.block_size
-    out = np.empty((rows, per_row * codec.type_size), dtype=np.uint8)
     step = max(1, CHUNK_WEIGHTS // cols)
     for r0 in range(0, rows, step):
         part = w[r0 : r0 + step]
@@ -86,7 +106,6 @@ def quantize_tensor(w, qtype: TypeLike, importance=None) -> np.ndarray:
                 kwargs["row_sigma2"] = np.repeat(sigma2.astype(F32), per_row)
         q = codec.quantize_blocks(part.reshape(-1, codec.block_size), **kwargs)
         out[r0 : r0 + n] = q.reshape(n, -1)
-    return out
 
 
 def dequantize_tensor(raw, qtype: TypeLike, shape) -> np.ndarray:
@@ -110,7 +129,7 @@ def dequantize_tensor(raw, qtype: TypeLike, shape) -> np.ndarray:
 
 def quantize(qtype: TypeLike, array, importance=None) -> np.ndarray:
     """Quantize an array of any rank along its last axis: uint8 [..., row_bytes]."""
-    a = _as_float32(array, "weights")
+    a = _as_float32(array)
     if a.ndim == 0:
         raise LowbitError(f"{codec_for(qtype).name}: cannot quantize a 0-d array")
     q = quantize_tensor(a.reshape(-1, a.shape[-1]), qtype, importance)
