@@ -14,12 +14,12 @@ IQ4_NL, 18 bytes per 32 weights:
 
     weight = d * GRID[index]
 
-Quantizing follows llama.cpp's quantize_iq4_nl (the path llama-quantize takes, with its
-7 extra trials): weights x^2, or qw * sqrt(sigma2 + x^2) with importance (sigma2 = twice
-the block's mean square). Starting from d = max/127 (largest-magnitude weight on the
-grid's far end), each trial scale gives each weight its nearest grid value and then the
-weighted least-squares d for those values; the best d is stored and every weight is
-re-assigned to its nearest value under it.
+Quantizing follows llama.cpp's quantize_iq4_nl (the path llama-quantize takes): weights
+x^2, or qw * sqrt(sigma2 + x^2) with importance (sigma2 = twice the block's mean
+square). The first trial puts the largest-magnitude weight on the grid's far end
+(d = max/127); 15 more use 1/d = (t - 127)/max for t in -7..7. Each trial gives every
+weight its nearest grid value and then the weighted least-squares d for those values;
+the best d is stored and every weight is re-assigned to its nearest value under it.
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from gguf.constants import GGMLQuantizationType as T
 from .common import F32, GROUP_MAX_EPS, fp16_bytes, fp16_from_bytes, pack_nibbles, reciprocal, safe_div, to_fp16
 from .search import colsum, columns, first_absmax
 from .table import BlockCodec
-
-QK4_NL = 32
 
 GRID = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 
@@ -67,7 +65,7 @@ class IQ4_NL(BlockCodec, ggml_type=T.IQ4_NL):
         if importance is None:
             wt = xt * xt
         else:
-            sigma2 = colsum(xt * xt) * F32(2 / QK4_NL)
+            sigma2 = colsum(xt * xt) * F32(2 / cls.block_size)
             wt = columns(importance) * np.sqrt(sigma2 + xt * xt)
         mx = first_absmax(xt)
         live = np.abs(mx) >= GROUP_MAX_EPS

@@ -9,7 +9,7 @@ is three steps, the same for every type:
 3. re-quantize every weight against the scale it will actually be decoded with,
    d(fp16) * sub-scale code, so rounding in steps 1-2 does not leave codes stale.
 
-Without importance, step 1 uses llama.cpp's default weighting and steps 2 map the
+Without importance, step 1 uses llama.cpp's default weighting and step 2 maps the
 largest sub-scale to the top code (quantize_row_*_ref). With importance, step 1 weights
 each weight by qw * sqrt(sigma2 + x^2) (qw alone for Q6_K) and step 2 is itself a
 weighted search over the sub-scales (quantize_row_*_impl).
@@ -103,18 +103,17 @@ def _unpack_4bit_pairs(qs: np.ndarray) -> np.ndarray:
     return unpack_bit_planes(qs.reshape(-1, 4, 32), 4, 2).reshape(-1, QK_K)
 
 
-# The 12-byte field holding eight 6-bit scales sc[j] and eight 6-bit mins m[j]
-# (Q4_K, Q5_K):
+# The 12-byte scales field of Q4_K and Q5_K: eight 6-bit sub-block scales sc[0..7] and
+# eight 6-bit mins m[0..7]. For j = 0..3 (x:5-4 = bits 5-4 of x):
 #
-#   byte:    0..3            4..7            8..11
-#          +---------------+---------------+-------------------+
-#   bit 7  | sc[j+4] bit 5 | m[j+4] bit 5  |                   |
-#   bit 6  | sc[j+4] bit 4 | m[j+4] bit 4  | m[j+4] bits 0-3   |  (bits 4-7)
-#   bit 5  |               |               |                   |
-#    ...   | sc[j] bits 0-5| m[j] bits 0-5 | sc[j+4] bits 0-3  |  (bits 0-3)
-#   bit 0  |               |               |                   |
-#          +---------------+---------------+-------------------+
-#   (j = 0..3; byte j, j+4, j+8)
+#   bit          7     6     5     4     3     2     1     0
+#             +-----------+-----------------------------------+
+#   byte j    | sc[j+4]:5-4 |            sc[j]:5-0            |
+#             +-----------+-----------------------------------+
+#   byte j+4  | m[j+4]:5-4  |             m[j]:5-0            |
+#             +-----------------------+-----------------------+
+#   byte j+8  |      m[j+4]:3-0       |      sc[j+4]:3-0      |
+#             +-----------------------+-----------------------+
 def _pack_scale_min_6bit(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
     sc, m = sc.astype(np.uint8), m.astype(np.uint8)
     return np.concatenate(
@@ -183,6 +182,7 @@ def _offset_decode(d, dmin, sc, mc, codes, sub):
 
 # ---------------------------------------------------------------- Q2_K
 
+
 # Q2_K, 84 bytes per 256 weights = 16 sub-blocks of 16:
 #
 #   byte  0              16                               80      82      84
@@ -213,6 +213,7 @@ class Q2_K(_KQuant, ggml_type=T.Q2_K):
 
 
 # ---------------------------------------------------------------- Q3_K
+
 
 # Q3_K, 110 bytes per 256 weights = 16 sub-blocks of 16:
 #
@@ -254,9 +255,7 @@ class Q3_K(_KQuant, ggml_type=T.Q3_K):
         search_codes = search_codes.reshape(n, 16, 16)
         codes = _requantize_symmetric(blocks.reshape(n, 16, 16), d_sub, 4, search_codes).reshape(n, QK_K)
         s = s.astype(np.uint8)
-        scales = np.concatenate(
-            [pack_nibbles(s[:, 0:8], s[:, 8:16]), pack_bit_planes((s >> 4).reshape(n, 4, 4), 2)], axis=1
-        )
+        scales = np.concatenate([pack_nibbles(s[:, 0:8], s[:, 8:16]), pack_bit_planes((s >> 4).reshape(n, 4, 4), 2)], axis=1)
         hmask = pack_bit_planes((codes >> 2).reshape(n, 8, 32), 1)
         return np.concatenate([hmask, _pack_2bit(codes & 3), scales, fp16_bytes(dh)], axis=1)
 
@@ -275,6 +274,7 @@ class Q3_K(_KQuant, ggml_type=T.Q3_K):
 
 
 # ---------------------------------------------------------------- Q4_K
+
 
 # Q4_K, 144 bytes per 256 weights = 8 sub-blocks of 32:
 #
@@ -295,9 +295,7 @@ class Q4_K(_KQuant, ggml_type=T.Q4_K):
             cls, blocks, importance, sub=32, nmax=15, code_bits=6, ref_search=(-1.0, 0.1, 20, False, "rms"), sigma2_factor=2.0
         )
         codes = _offset_codes(blocks, dh, dminh, sc, mc, 32, 15, search_codes)
-        return np.concatenate(
-            [fp16_bytes(dh), fp16_bytes(dminh), _pack_scale_min_6bit(sc, mc), _pack_4bit_pairs(codes)], axis=1
-        )
+        return np.concatenate([fp16_bytes(dh), fp16_bytes(dminh), _pack_scale_min_6bit(sc, mc), _pack_4bit_pairs(codes)], axis=1)
 
     @classmethod
     def dequantize_blocks(cls, raw):
@@ -307,6 +305,7 @@ class Q4_K(_KQuant, ggml_type=T.Q4_K):
 
 
 # ---------------------------------------------------------------- Q5_K
+
 
 # Q5_K, 176 bytes per 256 weights = 8 sub-blocks of 32:
 #
@@ -343,6 +342,7 @@ class Q5_K(_KQuant, ggml_type=T.Q5_K):
 
 
 # ---------------------------------------------------------------- Q6_K
+
 
 # Q6_K, 210 bytes per 256 weights = 16 sub-blocks of 16:
 #

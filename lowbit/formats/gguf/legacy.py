@@ -197,9 +197,7 @@ class Q5_1(_Legacy, ggml_type=T.Q5_1):
             d, neg_min, codes = asymmetric_search(blocks, w, 31, -0.9, 0.05, 36, want_codes=True)
             m = -neg_min
         dh, mh = to_fp16(d, cls.name), to_fp16(m, cls.name, "min")
-        return np.concatenate(
-            [fp16_bytes(dh), fp16_bytes(mh), _pack_fifth_bits(codes), _pack_low_nibbles(codes)], axis=1
-        )
+        return np.concatenate([fp16_bytes(dh), fp16_bytes(mh), _pack_fifth_bits(codes), _pack_low_nibbles(codes)], axis=1)
 
     @classmethod
     def dequantize_blocks(cls, raw):

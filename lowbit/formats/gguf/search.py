@@ -37,7 +37,14 @@ def columns(a: np.ndarray) -> np.ndarray:
 
 
 def colsum(a: np.ndarray) -> np.ndarray:
-    """Sum over axis 0 of a position-major array, position by position, in float32."""
+    """Sum over axis 0 of a position-major array, position by position, in float32.
+
+    numpy reduces axis 0 of a C-contiguous (m, n) array row after row -- sequentially --
+    except when n == 1, where the lone column becomes the inner loop and is summed
+    pairwise; a zero twin column keeps that case sequential too.
+    """
+    if a.shape[1] == 1:
+        return np.add.reduce(np.concatenate([a, np.zeros_like(a)], axis=1), axis=0)[:1]
     return np.add.reduce(a, axis=0)
 
 

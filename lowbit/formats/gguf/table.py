@@ -12,10 +12,11 @@ from typing import ClassVar
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.constants import QK_K as GGML_QK_K
 
 from ...errors import LowbitError
 
-QK_K = 256  # super-block width of the k-quants (checked against the table in kquants.py)
+QK_K = GGML_QK_K  # super-block width of the k-quants, from gguf-py like the sizes below
 
 _REGISTRY: dict[GGMLQuantizationType, type[BlockCodec]] = {}
 

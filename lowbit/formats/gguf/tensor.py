@@ -121,9 +121,7 @@ def dequantize_tensor(raw, qtype: TypeLike, shape) -> np.ndarray:
         data = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
     n_blocks = int(np.prod(shape, dtype=np.int64)) // codec.block_size
     if data.size != n_blocks * codec.type_size:
-        raise LowbitError(
-            f"{codec.name}: {data.size} bytes do not hold shape {shape} (needs {n_blocks * codec.type_size})"
-        )
+        raise LowbitError(f"{codec.name}: {data.size} bytes do not hold shape {shape} (needs {n_blocks * codec.type_size})")
     return codec.dequantize_blocks(data.reshape(n_blocks, codec.type_size)).reshape(shape)
 
 
