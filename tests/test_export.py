@@ -258,8 +258,9 @@ def test_gptq_files_decode_to_lowbit_weights(wide_dir, tmp_path, name):
     spec, fmt = GPTQ_CASES[name]
     model, tok = quantized(wide_dir, spec)
     out = export_gptq(model, tok, tmp_path / "g", fmt)
-    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert cfg == json.loads((out / "quantize_config.json").read_text())
+    full = json.loads((out / "config.json").read_text())
+    cfg = full["quantization_config"]
+    assert cfg == json.loads((out / "quantize_config.json").read_text()) and full["dtype"] == "float16"
     assert (cfg["bits"], cfg["group_size"], cfg["sym"], cfg["desc_act"], cfg["checkpoint_format"]) == (
         spec.bits, spec.group_size or -1, spec.symmetric, False, fmt)
     tensors = load_file(str(out / "model.safetensors"))

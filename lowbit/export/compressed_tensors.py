@@ -41,7 +41,10 @@ FORMAT_VERSION = "0.18.0"
 def ct_layer(name: str, m: QuantLinear) -> dict[str, torch.Tensor]:
     gs = check_groups(name, m, "compressed-tensors")
     if not torch.equal(m.g_idx, default_g_idx(m.in_features, gs)):
-        raise LowbitError(f"layer {name} has permuted groups (act-order g_idx), which compressed-tensors cannot store; export it as GPTQ instead")
+        raise LowbitError(
+            f"layer {name} has permuted groups (act-order g_idx), which compressed-tensors cannot store; "
+            "export it as GPTQ instead"
+        )
     bits = m.wspec.bits
     out = {
         f"{name}.weight_packed": pack_words(m.codes, bits),
@@ -54,9 +57,17 @@ def ct_layer(name: str, m: QuantLinear) -> dict[str, torch.Tensor]:
 
 
 def _weights_args(spec) -> dict:
-    if spec.group_size is None:
-        return {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, "strategy": "channel", "group_size": None, "dynamic": False}
-    return {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, "strategy": "group", "group_size": spec.group_size, "dynamic": False}
+    """QuantizationArgs of a weight format: per-channel is strategy "channel" (one scale
+    per row, no group size), grouped is strategy "group"."""
+    strategy = "channel" if spec.group_size is None else "group"
+    return {
+        "num_bits": spec.bits,
+        "type": "int",
+        "symmetric": spec.symmetric,
+        "strategy": strategy,
+        "group_size": spec.group_size,
+        "dynamic": False,
+    }
 
 
 def quantization_config(qlayers: dict[str, QuantLinear], ignore: list[str]) -> dict:

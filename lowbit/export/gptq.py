@@ -80,7 +80,10 @@ def quantized_layers(model: nn.Module, fmt: str) -> dict[str, QuantLinear]:
         if not isinstance(m, QuantLinear):
             continue
         if m.aspec is not None:
-            raise LowbitError(f"layer {name} quantizes its activations ({m.aspec.describe()}), which the {fmt} export cannot express; export a weight-only model")
+            raise LowbitError(
+                f"layer {name} quantizes its activations ({m.aspec.describe()}), which the {fmt} export "
+                "cannot express; export a weight-only model"
+            )
         if m.wspec is not None:
             layers[name] = m
     if not layers:
@@ -118,9 +121,18 @@ def check_groups(name: str, m: QuantLinear, fmt: str) -> int | None:
     return gs
 
 
-def write_export(model, tokenizer, out_dir: str | Path, tensors: dict[str, torch.Tensor], qconfig: dict, extra_files: dict[str, dict] | None = None) -> Path:
-    """Write tensors, config.json (with ``quantization_config``), generation config and
-    tokenizer into a temporary folder renamed to ``out_dir`` when complete."""
+def write_export(
+    model,
+    tokenizer,
+    out_dir: str | Path,
+    tensors: dict[str, torch.Tensor],
+    qconfig: dict,
+    extra_files: dict[str, dict] | None = None,
+    dtype: str | None = None,
+) -> Path:
+    """Write tensors, config.json (with ``quantization_config``; ``dtype`` replaces the
+    config's default loading dtype), generation config and tokenizer into a temporary
+    folder renamed to ``out_dir`` when complete."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not _is_export(out_dir, qconfig["quant_method"]))):
         raise LowbitError(f"output {out_dir} exists and is not a {qconfig['quant_method']} export; refusing to overwrite it")
@@ -130,6 +142,8 @@ def write_export(model, tokenizer, out_dir: str | Path, tensors: dict[str, torch
         model.config.save_pretrained(tmp)
         cfg = json.loads((tmp / "config.json").read_text())
         cfg["quantization_config"] = qconfig
+        if dtype is not None:
+            cfg["dtype"] = dtype
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         for fname, content in (extra_files or {}).items():
             (tmp / fname).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
@@ -170,18 +184,28 @@ def gptq_layer(name: str, m: QuantLinear, checkpoint_format: str) -> dict[str, t
     gs = check_groups(name, m, "GPTQ")
     for what, n in (("input", m.in_features), ("output", m.out_features)):
         if n * bits % 32:
-            raise LowbitError(f"layer {name}: {what} width {n} does not fill whole 32-bit words at {bits} bits (it must be a multiple of {32 // math.gcd(bits, 32)})")
+            raise LowbitError(
+                f"layer {name}: {what} width {n} does not fill whole 32-bit words at {bits} bits "
+                f"(it must be a multiple of {32 // math.gcd(bits, 32)})"
+            )
     n_groups = m.scales.shape[1]
     expected = 1 if gs is None else m.in_features // gs
     if n_groups != expected:
         raise LowbitError(f"layer {name}: {n_groups} groups where GPTQ expects {expected} for group size {gs}")
     scales = m.scales.to(torch.float16)
     if not torch.equal(scales.to(m.scales.dtype), m.scales):
-        raise LowbitError(f"layer {name}: its {str(m.scales.dtype).removeprefix('torch.')} scales are not exactly representable in float16, which GPTQ stores; quantize with --scale-dtype float16")
+        dt = str(m.scales.dtype).removeprefix("torch.")
+        raise LowbitError(
+            f"layer {name}: its {dt} scales are not exactly representable in float16, which GPTQ stores; "
+            "quantize with --scale-dtype float16"
+        )
     zeros = m.zeros if hasattr(m, "zeros") else torch.full_like(m.scales, 2 ** (bits - 1), dtype=torch.uint8)
     if checkpoint_format == "gptq":
         if bool((zeros == 0).any()):
-            raise LowbitError(f"layer {name} has zero points equal to 0, which the GPTQ v1 format (it stores zero - 1) cannot hold; export with checkpoint format gptq_v2")
+            raise LowbitError(
+                f"layer {name} has zero points equal to 0, which the GPTQ v1 format (it stores zero - 1) "
+                "cannot hold; export with checkpoint format gptq_v2"
+            )
         zeros = zeros - 1
     return {
         f"{name}.qweight": pack_words(m.codes, bits).T.contiguous(),
@@ -219,5 +243,9 @@ def export_gptq(model, tokenizer, out_dir: str | Path, checkpoint_format: str = 
         "pack_dtype": "int32",
         "meta": {"quantizer": [f"lowbit:{lowbit_version()}"]},
     }
-    # older readers (AutoGPTQ, early vLLM) look for quantize_config.json beside config.json
-    return write_export(model, tokenizer, out_dir, dict(sorted(tensors.items())), qconfig, {"quantize_config.json": qconfig})
+    # Older readers (AutoGPTQ, early vLLM) look for quantize_config.json beside config.json.
+    # GPTQ kernels compute in float16, the dtype its scales are stored in: say so, so that
+    # loaders choosing a dtype from the config pick one that holds the scales exactly
+    # (from float32 GPTQModel would pick bfloat16). Float tensors keep lowbit's float32.
+    extra = {"quantize_config.json": qconfig}
+    return write_export(model, tokenizer, out_dir, dict(sorted(tensors.items())), qconfig, extra, dtype="float16")
