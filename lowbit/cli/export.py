@@ -8,18 +8,36 @@ Registered by main.py as a sub-app; errors follow main.py's pattern (``error: ..
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from .main import handle_errors, out
 
 export_app = typer.Typer(
     help="Export a lowbit checkpoint to a format other tools load (compressed-tensors, GPTQ).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+def handle_errors(fn):
+    """main.py's handler (LowbitError -> ``error: ...``, exit 2), looked up when the command
+    runs, so main.py may import this module wherever it likes without an import cycle."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .main import handle_errors as main_handler
+
+        return main_handler(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+def _say(text: str) -> None:
+    from .main import out
+
+    out.print(text)
+
 
 CheckpointArg = Annotated[str, typer.Argument(help="A lowbit checkpoint folder (written by `lowbit quantize`).")]
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder to write (created; an existing one is replaced only if it is an export of the same kind).")]
@@ -44,7 +62,7 @@ def compressed_tensors(checkpoint: CheckpointArg, output: OutputOpt) -> None:
 
     model, tok = _load(checkpoint)
     export_compressed_tensors(model, tok, output)
-    out.print(f"wrote {output}/ (compressed-tensors pack-quantized)")
+    _say(f"wrote {output}/ (compressed-tensors pack-quantized)")
 
 
 @export_app.command("gptq")
@@ -59,4 +77,4 @@ def gptq(
 
     model, tok = _load(checkpoint)
     export_gptq(model, tok, output, checkpoint_format=format)
-    out.print(f"wrote {output}/ (GPTQ, checkpoint format {format})")
+    _say(f"wrote {output}/ (GPTQ, checkpoint format {format})")

@@ -38,6 +38,7 @@ from ..cache import atomic_path
 from ..errors import LowbitError
 from ..formats.packing import pack, packed_row_bytes, unpack
 from ..formats.weights import default_g_idx
+from ..models.arch import decoder_layers
 from ..nn.qlinear import QuantLinear
 from .checkpoint import _tied_names
 
@@ -223,7 +224,9 @@ def export_gptq(model, tokenizer, out_dir: str | Path, checkpoint_format: str = 
     bits, gs, sym = _uniform_spec(qlayers)
     if bits not in GPTQ_BITS:
         raise LowbitError(f"GPTQ stores {', '.join(map(str, GPTQ_BITS))}-bit weights, not {bits}-bit")
-    decoder_floats = [n for n in float_linears(model) if n != "lm_head"]
+    # loaders quantize every Linear of the decoder blocks and nothing outside them
+    blocks, _ = decoder_layers(model)
+    decoder_floats = [n for n in float_linears(model) if n.startswith(blocks + ".")]
     if decoder_floats:
         raise LowbitError(f"GPTQ export needs every decoder Linear quantized; {decoder_floats[0]} is left in float")
     tensors = float_tensors(model, qlayers)
