@@ -21,6 +21,10 @@ Facts taken from compressed-tensors (0.20) itself:
   permutations were removed. Both are refused here.
 - The scale is loaded into a parameter of the model's dtype and the weight dequantized in
   that dtype: loaded in float32, the result is lowbit's float32 weight exactly.
+- Asymmetric files follow compressed-tensors' own writer (zero points packed along the
+  output dimension), which transformers 5.23 with compressed-tensors 0.20 loads only with
+  ``CompressedTensorsConfig(dequantize=True)``: its default path sizes weight_zero_point
+  unpacked. That path dequantizes in the scale's dtype, i.e. lowbit's weight rounded to it.
 """
 
 from __future__ import annotations
