@@ -1,0 +1,80 @@
+"""``lowbit export``: write a lowbit checkpoint in a format other tools load.
+
+    lowbit export compressed-tensors CKPT -o OUT     transformers / vLLM (pack-quantized)
+    lowbit export gptq CKPT -o OUT [--format gptq_v2]  GPTQModel, AutoGPTQ, vLLM
+
+Registered by main.py as a sub-app; errors follow main.py's pattern (``error: ...``, exit 2).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+export_app = typer.Typer(
+    help="Export a lowbit checkpoint to a format other tools load (compressed-tensors, GPTQ).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+def handle_errors(fn):
+    """main.py's handler (LowbitError -> ``error: ...``, exit 2), looked up when the command
+    runs, so main.py may import this module wherever it likes without an import cycle."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .main import handle_errors as main_handler
+
+        return main_handler(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+def _say(text: str) -> None:
+    from .main import out
+
+    out.print(text)
+
+
+CheckpointArg = Annotated[str, typer.Argument(help="A lowbit checkpoint folder (written by `lowbit quantize`).")]
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder to write (created; an existing one is replaced only if it is an export of the same kind).")]
+
+
+def _load(checkpoint: str):
+    from .. import api
+    from ..errors import LowbitError
+    from ..models.loader import is_lowbit_checkpoint
+
+    if not is_lowbit_checkpoint(Path(checkpoint)):
+        raise LowbitError(f"{checkpoint} is not a lowbit checkpoint folder; quantize the model first with `lowbit quantize`")
+    model, tok, _ = api.load(checkpoint)
+    return model, tok
+
+
+@export_app.command("compressed-tensors")
+@handle_errors
+def compressed_tensors(checkpoint: CheckpointArg, output: OutputOpt) -> None:
+    """Write CHECKPOINT in compressed-tensors' pack-quantized format (transformers with compressed-tensors, vLLM)."""
+    from ..export.compressed_tensors import export_compressed_tensors
+
+    model, tok = _load(checkpoint)
+    export_compressed_tensors(model, tok, output)
+    _say(f"wrote {output}/ (compressed-tensors pack-quantized)")
+
+
+@export_app.command("gptq")
+@handle_errors
+def gptq(
+    checkpoint: CheckpointArg,
+    output: OutputOpt,
+    format: Annotated[str, typer.Option("--format", help="gptq (v1: zero points stored minus one; vLLM, AutoGPTQ) or gptq_v2 (zero points as they are; GPTQModel, and needed when a zero point is 0).")] = "gptq",
+) -> None:
+    """Write CHECKPOINT in the GPTQ layout (qweight, qzeros, scales, g_idx)."""
+    from ..export.gptq import export_gptq
+
+    model, tok = _load(checkpoint)
+    export_gptq(model, tok, output, checkpoint_format=format)
+    _say(f"wrote {output}/ (GPTQ, checkpoint format {format})")
