@@ -14,8 +14,10 @@ they are fed as-is, with no tokenization and no BOS.
 
 Schemes (all Linear layers except lm_head; lm_head is tied to the embeddings):
   rtn        QuantizationModifier, int weights, per group, min/max (data-free)
-  gptq       GPTQModifier, block_size 128, dampening_frac 0.01, actorder None (off),
-             sequential per decoder layer (llm-compressor's default pipeline)
+  gptq       GPTQModifier, block_size 128, dampening_frac 0.01, actorder off unless
+             --actorder is given (llm-compressor's own default is "static"; on
+             SmolLM2-135M it matters: see the report), sequential per decoder
+             layer (llm-compressor's default pipeline), calibration not shuffled
   awq        AWQModifier (default mappings, duo_scaling=True, n_grid=20), then
              QuantizationModifier (RTN) with the same weight scheme
   smoothquant-gptq-w8a8
@@ -51,12 +53,12 @@ def patch_awq_for_cpu():
     IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
 
-def build_recipe(scheme, bits, group_size, sym):
+def build_recipe(scheme, bits, group_size, sym, actorder=None):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.transform import AWQModifier, SmoothQuantModifier
 
-    gptq_opts = dict(block_size=128, dampening_frac=0.01, actorder=None)
+    gptq_opts = dict(block_size=128, dampening_frac=0.01, actorder=actorder)
     if scheme == "smoothquant-gptq-w8a8":
         return [
             SmoothQuantModifier(smoothing_strength=0.8),
@@ -106,8 +108,11 @@ def main():
     g.add_argument("--sym", dest="sym", action="store_true")
     g.add_argument("--asym", dest="sym", action="store_false")
     p.set_defaults(sym=False)
+    p.add_argument("--actorder", default="none", choices=["none", "static", "group", "weight"],
+                   help="GPTQ activation ordering (llm-compressor's own default is static)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    actorder = None if args.actorder == "none" else args.actorder
 
     import compressed_tensors
     import datasets
@@ -124,7 +129,7 @@ def main():
     dataset = datasets.Dataset.from_dict(
         {"input_ids": calib.tolist(), "attention_mask": np.ones_like(calib).tolist()}
     )
-    recipe = build_recipe(args.scheme, args.bits, args.group_size, args.sym)
+    recipe = build_recipe(args.scheme, args.bits, args.group_size, args.sym, actorder)
 
     load_before = os.getloadavg()[0]
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -150,6 +155,8 @@ def main():
         "bits": 8 if w8a8 else args.bits,
         "group_size": None if w8a8 else args.group_size,
         "sym": True if w8a8 else args.sym,
+        "gptq": {"block_size": 128, "dampening_frac": 0.01, "actorder": args.actorder}
+        if "gptq" in args.scheme else None,
         "quantize_seconds": round(quantize_seconds, 2),
         "quantize_cpu_seconds": round(quantize_cpu_seconds, 2),  # all threads
         "ppl": round(ppl, 4),
