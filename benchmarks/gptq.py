@@ -40,7 +40,6 @@ SETTINGS = {
     "w3g64-asym": (3, 64, False, "minmax", False),
     "w3g64-asym-mse": (3, 64, False, "mse", False),
     "w2g64-asym": (2, 64, False, "minmax", False),
-    "w2g64-asym-mse": (2, 64, False, "mse", False),
     "w4g64-asym-dead-input": (4, 64, False, "minmax", False),
 }
 DEAD_INPUT = {"w4g64-asym-dead-input"}
@@ -122,7 +121,7 @@ def lowbit_subprocess(method: str, bits: int, group: int, sym: bool, observer: s
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"smollm2-135m, calibration 32 x 512 tokens from the end of the Wikipedia text, protocol as in the README. "
-        f"`{meta['command']}`, {meta['machine']}, {meta['date']}. lowbit GPTQ options: {meta['lowbit_options']}, "
+        f"`{meta['command']}`, {meta['machine']}, {meta['date']}. lowbit GPTQ options: {meta['lowbit_options'] or 'defaults'}, "
         f"calibration matmuls {meta['calib_precision']}; llm-compressor {meta['peer_version']} with actorder={meta['peer_actorder']}, "
         "block 128, damping 0.01, in its own venv. Time: the quantization call alone.",
         "",
@@ -148,6 +147,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
             else f"| {r['setting']} | {r['rtn']['ppl']:.2f} | {r['lowbit']['ppl']:.2f} ({r['lowbit']['kl']:.3f}) | - | "
             f"{r['lowbit']['quantize_seconds']:.1f} | - | - | {100 * gap:.0f}% |"
         )
+    runs = sorted({(r["run"]["command"], r["run"]["started"][:10]) for r in rows + dead_rows if "run" in r})
+    if len(runs) > 1:
+        lines_after.append(
+            "Rows come from more than one run (a partial rerun keeps the other rows): "
+            + "; ".join(f"{', '.join(r['setting'] for r in rows + dead_rows if r.get('run', {}).get('command') == c)}: `{c}`" for c, _ in runs)
+            + ". Each row's tools ran back to back in one run. Load (1-minute average) when each row started: "
+            + ", ".join(
+                f"{r['setting']} " + (f"{r['run']['loadavg_1min']:.1f}" if r["run"].get("loadavg_1min") is not None else f"n/a ({r['run'].get('note', 'not recorded')})")
+                for r in rows + dead_rows
+                if "run" in r
+            )
+            + " (2 cores: times of rows started above 2 are inflated by other work on the machine)."
+        )
     lines += lines_after
     for r in dead_rows:
         lines += [
@@ -166,7 +178,12 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="settings: " + ", ".join(SETTINGS))
     ap.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
     ap.add_argument("--markdown", action="store_true", help="update BENCHMARKS.md")
+    ap.add_argument("--render", action="store_true", help="only rewrite BENCHMARKS.md from the last results file")
     args = ap.parse_args()
+    if args.render:
+        saved = json.loads(RESULTS.read_text())
+        write_section("gptq", markdown(saved["rows"], saved["meta"]))
+        return
     if args.one:
         method, bits, group, sym, observer, windows, dead = args.one
         print(json.dumps(run_lowbit(method, int(bits), int(group), bool(int(sym)), observer, Path(windows), bool(int(dead)))))
@@ -184,9 +201,10 @@ def main() -> None:
     np.save(work / "calib.npy", calib.numpy())
     model_dir = float32_folder("smollm2-135m")
     rows = []
+    command = ".venv/bin/python benchmarks/gptq.py --markdown" + (" --only " + " ".join(args.only) if args.only else "")
     for name in args.only or SETTINGS:
         bits, group, sym, observer, with_peer = SETTINGS[name]
-        row = {"setting": name}
+        row = {"setting": name, "run": {"command": command, "started": time.strftime("%Y-%m-%d %H:%M"), "loadavg_1min": os.getloadavg()[0]}}
         dead = name in DEAD_INPUT
         row["rtn"] = lowbit_subprocess("rtn", bits, group, sym, observer, work, dead)
         row["lowbit"] = lowbit_subprocess("gptq", bits, group, sym, observer, work, dead)
@@ -197,8 +215,12 @@ def main() -> None:
         if "peer" in row:
             msg += f"  llm-compressor {row['peer']['ppl']:.2f} in {row['peer']['quantize_seconds']:.1f}s"
         print(msg, flush=True)
+    if args.only and RESULTS.exists():  # a partial rerun keeps the other settings' last rows
+        fresh = {r["setting"] for r in rows}
+        old = [r for r in json.loads(RESULTS.read_text())["rows"] if r["setting"] not in fresh]
+        rows = sorted(old + rows, key=lambda r: list(SETTINGS).index(r["setting"]))
     meta = {
-        "command": ".venv/bin/python benchmarks/gptq.py --markdown",
+        "command": command,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d"),
         "lowbit_options": LOWBIT_OPTIONS,
@@ -206,10 +228,6 @@ def main() -> None:
         "peer_actorder": PEER_ACTORDER,
         "peer_version": next((r["peer"]["versions"]["llmcompressor"] for r in rows if "peer" in r), "-"),
     }
-    if args.only and RESULTS.exists():  # a partial rerun keeps the other settings' last rows
-        fresh = {r["setting"] for r in rows}
-        old = [r for r in json.loads(RESULTS.read_text())["rows"] if r["setting"] not in fresh]
-        rows = sorted(old + rows, key=lambda r: list(SETTINGS).index(r["setting"]))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     if args.markdown:

@@ -231,11 +231,14 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float
 @dataclass(frozen=True)
 class GPTQOptions:
     """Defaults: act-order with groups along the solve order. Measured on SmolLM2-135M
-    W4 g64 asym (perplexity; RTN 30.09, fp32 23.49): plain GPTQ 32.5 (worse than RTN, as
-    llm-compressor's GPTQ without act-order is there), act-order with static groups 29.5,
-    act-order with groups along the solve order 28.6. The latter stores a permuted g_idx
-    (the GPTQ layout's desc_act); static_groups=true keeps g_idx trivial, which
-    compressed-tensors and the fastest kernels require."""
+    W4 g64 asym (perplexity; RTN 30.09, fp32 23.49), float32 calibration: plain GPTQ 32.5
+    (worse than RTN, as llm-compressor's GPTQ without act-order is there), act-order with
+    static groups 29.5, act-order with groups along the solve order 28.6 (29.2 with the
+    default bf16 calibration matmuls). The latter stores a permuted g_idx (the GPTQ
+    layout's desc_act); static_groups=true keeps g_idx trivial, which compressed-tensors
+    and the fastest kernels require. At 3 bits, min-max group ranges leave most of RTN's
+    loss in place (W3 g64: 68.3 against RTN's 72.5); the MSE clipping search
+    (``--observer mse``) brings it to 43.9 (BENCHMARKS.md)."""
 
     damp_percent: float = 0.01
     block_size: int = 128
