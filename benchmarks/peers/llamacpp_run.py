@@ -15,6 +15,8 @@ log-softmax (float64) of llama.cpp's logits; ppl = exp(mean NLL).
 
 quantize: ``llama_model_quantize`` (what the llama-quantize tool calls) from a F16/F32
 GGUF to a llama.cpp file type, timed (wall seconds, including reading and writing).
+``--imatrix FILE.npz`` hands llama.cpp an importance matrix ({GGUF weight name: mean of
+x^2 per input column}, the values llama-quantize derives from an imatrix file).
 """
 
 from __future__ import annotations
@@ -70,7 +72,27 @@ def perplexity(model_path: str, windows: np.ndarray, threads: int) -> dict:
     return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count, "seconds": time.perf_counter() - start}
 
 
-def quantize(src: str, dst: str, ftype_name: str, threads: int) -> dict:
+def _imatrix_array(path: str):
+    """A NULL-terminated llama_model_imatrix_data[] over the arrays of an .npz file (the
+    arrays are returned too: ctypes only points at them)."""
+    import ctypes
+
+    import llama_cpp
+
+    data = np.load(path)
+    arrays = {k: np.ascontiguousarray(data[k], dtype=np.float32) for k in sorted(data.files)}
+    entries = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()
+    for i, (name, a) in enumerate(arrays.items()):
+        entries[i].name = name.encode()
+        entries[i].data = a.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[i].size = a.size
+    entries[len(arrays)].name = None
+    return entries, arrays
+
+
+def quantize(src: str, dst: str, ftype_name: str, threads: int, imatrix: str | None = None) -> dict:
+    import ctypes
+
     import llama_cpp
 
     key = f"LLAMA_FTYPE_MOSTLY_{ftype_name.upper()}"
@@ -79,6 +101,9 @@ def quantize(src: str, dst: str, ftype_name: str, threads: int) -> dict:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, key)
     params.nthread = threads
+    if imatrix:
+        entries, _keep = _imatrix_array(imatrix)
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     start = time.perf_counter()
     rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params)
     seconds = time.perf_counter() - start
@@ -97,6 +122,7 @@ def main() -> None:
     q.add_argument("src")
     q.add_argument("dst")
     q.add_argument("--type", required=True, help="llama.cpp file type: Q4_K_M, Q8_0, Q6_K, ...")
+    q.add_argument("--imatrix", help=".npz of {GGUF weight name: mean x^2 per column}")
     for s in (p, q):
         s.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
@@ -106,7 +132,7 @@ def main() -> None:
     if args.cmd == "ppl":
         result = perplexity(args.model, np.load(args.windows), args.threads)
     else:
-        result = quantize(args.src, args.dst, args.type, args.threads)
+        result = quantize(args.src, args.dst, args.type, args.threads, args.imatrix)
     result["llama_cpp_python"] = llama_cpp.__version__
     json.dump(result, sys.stdout)
     print()

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,26 +99,29 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _float_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter as a float32 tensor by its Hugging Face name; lowbit QuantLinear
-    layers (a checkpoint) contribute their dequantized weights. The tied LM head is left
+def _tensor_sources(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]]:
+    """{Hugging Face parameter name: (shape, function giving it as float32)}. lowbit
+    QuantLinear layers (a checkpoint) give their dequantized weights, made only when
+    asked for, so a checkpoint is expanded one tensor at a time. The tied LM head is left
     out (llama.cpp reads the output projection from token_embd then)."""
     from ..nn.qlinear import QuantLinear
 
-    out: dict[str, torch.Tensor] = {}
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    def plain(p):
+        return lambda: p.detach().to(torch.float32)
+
+    out = {}
     for mname, mod in model.named_modules():
         prefix = f"{mname}." if mname else ""
         if isinstance(mod, QuantLinear):
-            out[f"{prefix}weight"] = mod.dequantized_weight()
+            out[f"{prefix}weight"] = ((mod.out_features, mod.in_features), lambda m=mod: m.dequantized_weight().detach().float())
             if mod.bias is not None:
-                out[f"{prefix}bias"] = mod.bias
+                out[f"{prefix}bias"] = (tuple(mod.bias.shape), plain(mod.bias))
             continue
         for pname, p in mod.named_parameters(recurse=False):
-            out[f"{prefix}{pname}"] = p
-    if tied:
+            out[f"{prefix}{pname}"] = (tuple(p.shape), plain(p))
+    if getattr(model.config, "tie_word_embeddings", False):
         out.pop("lm_head.weight", None)
-    return {k: v.detach().to(torch.float32) for k, v in out.items()}
+    return out
 
 
 def hf_to_gguf_names(model: torch.nn.Module) -> dict[str, str]:
@@ -127,7 +131,7 @@ def hf_to_gguf_names(model: torch.nn.Module) -> dict[str, str]:
     spec = _arch(model.config)
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.gguf_arch], model.config.num_hidden_layers)
     names = {}
-    for hf in _float_parameters(model):
+    for hf in _tensor_sources(model):
         g = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
         if g is None:
             raise LowbitError(f"GGUF export: no GGUF name for tensor {hf} of {spec.gguf_arch.lower()} model")
@@ -385,13 +389,13 @@ def export_gguf(
     if spec.permute_qk and getattr(config, "num_attention_heads", 0) <= 0:
         raise LowbitError("GGUF export: config has no num_attention_heads")
     names = hf_to_gguf_names(model)
-    params = _float_parameters(model)
+    sources = _tensor_sources(model)
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
 
-    arrays: dict[str, tuple[str, np.ndarray]] = {}  # gguf name -> (hf name, float32 array)
-    for hf, t in params.items():
-        g = names[hf]
+    def prepared(hf: str) -> np.ndarray:
+        """The tensor as the GGUF file holds it, float32."""
+        g, t = names[hf], sources[hf][1]()
         if not torch.isfinite(t).all():
             raise LowbitError(f"GGUF export: tensor {hf} has NaN/inf values")
         if spec.permute_qk and g.endswith(("attn_q.weight", "attn_q.bias")):
@@ -400,10 +404,10 @@ def export_gguf(
             t = _permute_qk(t, n_kv)
         if spec.norm_shift and g.endswith("norm.weight"):
             t = t + spec.norm_shift
-        arrays[g] = (hf, t.contiguous().numpy())
+        return t.contiguous().numpy()
 
     hp = ModelShape(n_layer=config.num_hidden_layers, n_head=n_head, n_head_kv=n_kv)
-    types = choose_types(p.name, [(g, a.shape) for g, (_, a) in arrays.items()], hp, imatrix=imatrix is not None)
+    types = choose_types(p.name, [(names[hf], shape) for hf, (shape, _) in sources.items()], hp, imatrix=imatrix is not None)
 
     out = Path(out)
     with atomic_path(out) as tmp:
@@ -421,12 +425,13 @@ def export_gguf(
 
         start = time.perf_counter()
         tensor_bytes = n_elements = 0
-        items = list(arrays.items())
+        items = [(names[hf], hf, None) for hf in sources]
         for g, arr in extra.items():
-            items.append((g, ("", arr)))
+            items.append((g, "", arr))
             types[g] = gguf.GGMLQuantizationType.F32
         iterator = progress(items) if progress else items
-        for g, (hf, arr) in iterator:
+        for g, hf, arr in iterator:
+            arr = prepared(hf) if arr is None else arr
             data, raw = _encode(arr, types[g], _importance(imatrix, hf, arr.shape[-1]), hf or g)
             w.add_tensor(g, data, raw_dtype=raw)
             tensor_bytes += data.nbytes

@@ -1,0 +1,216 @@
+"""GGUF export of smollm2-135m, checked by llama.cpp itself.
+
+In one run:
+1. write our F16 GGUF of smollm2-135m;
+2. llama.cpp (llama-cpp-python's llama_model_quantize) quantizes that F16 file to
+   Q4_K_M, Q6_K and Q8_0;
+3. lowbit writes its own files from the float32 model: every preset, and Q4_K_M with an
+   imatrix collected on the protocol's calibration windows;
+4. llama.cpp computes the perplexity of every file with its own forward pass, and lowbit
+   computes it on the same weights (the file loaded back with lowbit.load, i.e. dequantized
+   by transformers' GGUF reader) under the same protocol and token windows; the two must
+   agree to 2 decimals;
+5. print a table: file size, bits per weight (from the file's tensor data), quantization
+   time, both perplexities, and lowbit's KL divergence to float32.
+
+The peer runs in its own venv (benchmarks/peers/setup_llamacpp.sh) through a subprocess.
+Results go to benchmarks/results/gguf.json; files to --workdir (default /tmp/lowbit-gguf-bench).
+
+    .venv/bin/python benchmarks/gguf.py [--peer-python ~/.cache/lowbit-peers/llamacpp/bin/python]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "gguf.json"
+PEER = ROOT / "benchmarks" / "peers" / "llamacpp_run.py"
+DEFAULT_PEER_PYTHON = Path.home() / ".cache" / "lowbit-peers" / "llamacpp" / "bin" / "python"
+
+OURS = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K"]
+OURS_IMATRIX = ["Q4_K_M", "Q3_K_M", "Q2_K"]
+THEIRS = ["Q8_0", "Q6_K", "Q4_K_M"]
+
+
+def peer(python: Path, *args: str) -> dict:
+    proc = subprocess.run([str(python), str(PEER), *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"peer failed ({' '.join(args)}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def file_stats(path: Path) -> dict:
+    """Size, and bits per weight over the file's tensor data (every tensor, norms included)."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    nbytes = sum(int(t.n_bytes) for t in r.tensors)
+    nel = sum(int(t.n_elements) for t in r.tensors)
+    types: dict[str, int] = {}
+    for t in r.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return {"bytes": path.stat().st_size, "tensor_bytes": nbytes, "bpw": 8 * nbytes / nel, "types": types}
+
+
+def same_tensors(a: Path, b: Path) -> dict:
+    """How many tensors two GGUF files hold with the same name, type and bytes."""
+    from gguf import GGUFReader
+
+    ta = {t.name: t for t in GGUFReader(str(a)).tensors}
+    tb = {t.name: t for t in GGUFReader(str(b)).tensors}
+    same_type = [n for n in ta if n in tb and ta[n].tensor_type == tb[n].tensor_type]
+    same = [n for n in same_type if bytes(ta[n].data.tobytes()) == bytes(tb[n].data.tobytes())]
+    differ = sorted(set(same_type) - set(same))
+    return {"tensors": len(ta), "same_type": len(same_type), "same_bytes": len(same), "differ": differ[:10]}
+
+
+@contextlib.contextmanager
+def scratch_model_cache():
+    """lowbit.load caches a float32 copy of every GGUF it loads; keep those copies of the
+    benchmark's files out of the real cache (and off the disk afterwards)."""
+    before = os.environ.get("LOWBIT_CACHE")
+    tmp = tempfile.mkdtemp(prefix="lowbit-gguf-bench-")
+    os.environ["LOWBIT_CACHE"] = tmp
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["LOWBIT_CACHE"]
+        else:
+            os.environ["LOWBIT_CACHE"] = before
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def lowbit_ppl(path: Path, evals, protocol, ref) -> dict:
+    import lowbit
+
+    with scratch_model_cache():
+        model, _, _ = lowbit.load(str(path))
+    r = lowbit.evaluate_model(model, evals, protocol, ref, progress=False)
+    return {"ppl": r.ppl, "kl": r.kl, "top1": r.top1}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/lowbit-gguf-bench"))
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+    if not args.peer_python.is_file():
+        raise SystemExit(f"no llama.cpp venv at {args.peer_python}; run benchmarks/peers/setup_llamacpp.sh")
+
+    import numpy as np
+    import torch
+
+    import lowbit
+    from lowbit.calibration.imatrix import collect_imatrix
+    from lowbit.export.gguf_writer import export_gguf, hf_to_gguf_names
+
+    torch.manual_seed(0)
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    protocol = lowbit.Protocol()
+    model, tok, info = lowbit.load("smollm2-135m")
+    evals, calib = lowbit.prepare_windows(tok, protocol)
+    ref, fp = lowbit.reference_for(model, info["source"]["fingerprint"], evals, protocol, progress=False)
+    np.save(work / "eval_windows.npy", evals.to(torch.int32).numpy())
+    print(f"fp32 perplexity (lowbit): {fp.ppl:.4f}", flush=True)
+
+    rows: list[dict] = []
+
+    def ours(name: str, qtype: str, imatrix=None) -> None:
+        path = work / f"lowbit-{name}.gguf"
+        res = export_gguf(model, tok, path, qtype, imatrix=imatrix, source=info["source"])
+        rows.append({"file": path.name, "by": "lowbit", "preset": name, "quantize_s": res.seconds, "path": path})
+        print(f"lowbit {name}: {res.seconds:.1f} s", flush=True)
+
+    ours("F16", "F16")
+    f16 = work / "lowbit-F16.gguf"
+    for t in THEIRS:
+        path = work / f"llamacpp-{t}.gguf"
+        r = peer(args.peer_python, "quantize", str(f16), str(path), "--type", t, "--threads", str(args.threads))
+        rows.append({"file": path.name, "by": "llama.cpp (from our F16)", "preset": t, "quantize_s": r["seconds"], "path": path})
+        print(f"llama.cpp {t}: {r['seconds']:.1f} s", flush=True)
+    for t in OURS:
+        ours(t, t)
+    start = time.perf_counter()
+    imat = collect_imatrix(model, calib)
+    imatrix_s = time.perf_counter() - start
+    print(f"imatrix: {imatrix_s:.1f} s on {calib.numel()} tokens", flush=True)
+    for t in OURS_IMATRIX:
+        ours(f"{t}+imatrix", t, imat)
+    # llama.cpp's quantizer with the same importance matrix
+    names = hf_to_gguf_names(model)
+    npz = work / "imatrix.npz"
+    np.savez(npz, **{names[f"{k}.weight"]: v.numpy() for k, v in imat.items()})
+    path = work / "llamacpp-Q4_K_M+imatrix.gguf"
+    r = peer(args.peer_python, "quantize", str(f16), str(path), "--type", "Q4_K_M", "--imatrix", str(npz), "--threads", str(args.threads))
+    rows.append({"file": path.name, "by": "llama.cpp (our F16+imatrix)", "preset": "Q4_K_M+imatrix", "quantize_s": r["seconds"], "path": path})
+
+    # Same input, same bytes? Quantize the F16-rounded weights llama.cpp started from and
+    # compare every tensor with llama.cpp's file.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    identical = {}
+    for t, imx in [("Q4_K_M", None), ("Q8_0", None), ("Q6_K", None), ("Q4_K_M", imat)]:
+        label = t + ("+imatrix" if imx is not None else "")
+        mine = work / f"lowbit-from-f16-{label}.gguf"
+        export_gguf(model, tok, mine, t, imatrix=imx, source=info["source"])
+        identical[label] = same_tensors(mine, work / f"llamacpp-{label}.gguf")
+        mine.unlink()
+        print(f"from F16, {label}: {identical[label]}", flush=True)
+    del model
+
+    for row in rows:
+        path = row.pop("path")
+        row.update(file_stats(path))
+        row["llamacpp"] = peer(args.peer_python, "ppl", str(path), "--windows", str(work / "eval_windows.npy"), "--threads", str(args.threads))
+        row["lowbit"] = lowbit_ppl(path, evals, protocol, ref)
+        row["agree_2dp"] = round(row["llamacpp"]["ppl"], 2) == round(row["lowbit"]["ppl"], 2)
+        print(
+            f"{row['file']}: llama.cpp {row['llamacpp']['ppl']:.4f}  lowbit {row['lowbit']['ppl']:.4f}", flush=True
+        )
+
+    result = {
+        "model": "smollm2-135m",
+        "fp32_ppl": fp.ppl,
+        "imatrix_seconds": imatrix_s,
+        "imatrix_tokens": int(calib.numel()),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "llama_cpp_python": rows[1]["llamacpp"].get("llama_cpp_python"),
+        "rows": rows,
+        "byte_identical_to_llamacpp_from_f16": identical,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    for label, v in identical.items():
+        print(f"lowbit from F16 vs llama.cpp, {label}: {v['same_bytes']}/{v['tensors']} tensors byte-identical")
+
+
+def print_table(result: dict) -> None:
+    print(f"\nsmollm2-135m, fp32 perplexity {result['fp32_ppl']:.2f}; imatrix {result['imatrix_seconds']:.1f} s")
+    head = f"{'file':<28} {'by':<25} {'bytes':>12} {'bpw':>6} {'quant s':>8} {'ppl llama.cpp':>14} {'ppl lowbit':>11} {'agree':>6} {'KL':>7}"
+    print(head)
+    print("-" * len(head))
+    for r in result["rows"]:
+        print(
+            f"{r['file']:<28} {r['by']:<25} {r['bytes']:>12,} {r['bpw']:>6.3f} {r['quantize_s']:>8.1f} "
+            f"{r['llamacpp']['ppl']:>14.4f} {r['lowbit']['ppl']:>11.4f} {('yes' if r['agree_2dp'] else 'NO'):>6} {r['lowbit']['kl']:>7.4f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
