@@ -34,12 +34,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, this file's folder comes first on sys.path, where this very file
+# would shadow gguf-py's package `gguf`; drop it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 RESULTS = ROOT / "benchmarks" / "results" / "gguf.json"
 PEER = ROOT / "benchmarks" / "peers" / "llamacpp_run.py"
 DEFAULT_PEER_PYTHON = Path.home() / ".cache" / "lowbit-peers" / "llamacpp" / "bin" / "python"
 
 OURS = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K"]
-OURS_IMATRIX = ["Q4_K_M", "Q3_K_M", "Q2_K"]
+OURS_IMATRIX = ["Q4_K_M"]
 THEIRS = ["Q8_0", "Q6_K", "Q4_K_M"]
 
 
