@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lowbit-setup
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test loaders clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,23 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/lowbit quantize smollm2-135m --method rtn --bits 4 --group-size 64 -o runs/smollm2-rtn-w4g64
 
-test: setup
+test: setup loaders
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(LOADERS) runs
+
+# GPTQModel, the reference loader of the GPTQ layout, is a peer tool: it gets a venv of its
+# own, which the export tests call through tests/loaders/gptqmodel_check.py. Its sdist pins
+# torch>=2.14.1 (CUDA wheels here), so it goes in with --no-deps plus what loading needs.
+LOADERS := .venv-loaders
+$(LOADERS)/.stamp: constraints.txt
+	$(PYTHON) -m venv $(LOADERS)
+	$(LOADERS)/bin/python -m pip install -q --upgrade pip
+	$(LOADERS)/bin/python -m pip install -q torch==2.13.0
+	$(LOADERS)/bin/python -m pip install -q -c constraints.txt transformers accelerate safetensors numpy pillow requests
+	$(LOADERS)/bin/python -m pip install -q --no-deps gptqmodel==7.7.0 pypcre==0.6.4 logbar==0.4.15 \
+		threadpoolctl==3.8.0 device-smi==0.5.7 tokenicer==0.0.14 defuser==0.0.28
+	touch $@
+
+loaders: $(LOADERS)/.stamp

@@ -106,12 +106,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(text: str) -> None:
+def write_section(name: str, text: str) -> None:
+    """Replace the <!-- name:begin --> ... <!-- name:end --> block of BENCHMARKS.md."""
     path = ROOT / "BENCHMARKS.md"
     doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"<!-- rtn:begin -->\n{text}\n<!-- rtn:end -->"
-    if "<!-- rtn:begin -->" in doc:
-        doc = re.sub(r"<!-- rtn:begin -->.*?<!-- rtn:end -->", lambda _: block, doc, flags=re.S)
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{text}\n{end}"
+    if begin in doc:
+        doc = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
     else:
         doc += "\n" + block + "\n"
     path.write_text(doc)
@@ -146,7 +148,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     if args.markdown:
-        write_markdown(markdown(rows, meta))
+        write_section("rtn", markdown(rows, meta))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import logging
 import time
@@ -105,19 +107,42 @@ def quantize(
     needs = algo.uses_calibration()
     if needs and calib is None:
         raise LowbitError(f"{config.describe()} needs calibration data")
+    if config.calib_precision == "auto":
+        config = dataclasses.replace(config, calib_precision="bf16" if bf16_supported() else "fp32")
     torch.manual_seed(config.seed)
     start = time.perf_counter()
-    contexts = run_blocks(
-        model,
-        algo.quantize_block,
-        calib if needs else None,
-        progress=progress_bar(f"quantize {config.method}", progress),
-    )
+    with matmul_precision(config.calib_precision):
+        contexts = run_blocks(
+            model,
+            algo.quantize_block,
+            calib if needs else None,
+            progress=progress_bar(f"quantize {config.method}", progress),
+        )
     seconds = time.perf_counter() - start
     layers = [r for ctx in contexts for r in ctx.records.values()]
     report = QuantReport(config=config.to_dict(), layers=layers, seconds=seconds, storage=storage_summary(model))
     model.lowbit_config = config
     return report
+
+
+def bf16_supported() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """float32 matmuls as asked for the duration (see config.CALIB_PRECISIONS)."""
+    if precision == "fp32":
+        yield
+        return
+    if not bf16_supported():
+        raise LowbitError("calibration precision bf16 needs a CPU with bfloat16 support; use fp32")
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def storage_summary(model: torch.nn.Module) -> dict[str, Any]:

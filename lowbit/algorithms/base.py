@@ -154,7 +154,7 @@ class Algorithm:
         a = self.config.act
         if a is None or a.dynamic:
             return None
-        return make_observer(a.observer, act_grid(a), percentile=a.percentile, seed=self.config.seed)
+        return make_observer(a.observer, act_grid(a), percentile=a.percentile)
 
     def _solve_group(self, ctx: BlockContext, locals_: list[str], linears: dict, stats: Any, act_qparams) -> dict[str, tuple]:
         """{local name: (QuantizedWeight or None, activation qparams or None, report row)}

@@ -172,14 +172,23 @@ def _gguf_to_fp32_folder(gguf_path: Path, out: Path) -> None:
         (tmp / "lowbit_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
 
 
+def float32_folder(spec: str) -> Path:
+    """A Hugging Face folder holding MODEL in float32 (for GGUF sources: the cached,
+    dequantized copy, made now if needed). Other tools can load it too."""
+    source = resolve(spec)
+    if source.kind not in ("embedded", "gguf"):
+        return Path(source.path)
+    folder = cache_dir("models") / f"{Path(source.path).stem}-{source.fingerprint}"
+    if not (folder / "config.json").is_file():
+        _gguf_to_fp32_folder(Path(source.path), folder)
+    return folder
+
+
 def load_model(spec: str):
     """(model, tokenizer, source) for MODEL; the model is float32, on CPU, in eval mode."""
     source = resolve(spec)
     if source.kind in ("embedded", "gguf"):
-        folder = cache_dir("models") / f"{Path(source.path).stem}-{source.fingerprint}"
-        if not (folder / "config.json").is_file():
-            _gguf_to_fp32_folder(Path(source.path), folder)
-        model, tokenizer = _load_hf(str(folder), "cached model")
+        model, tokenizer = _load_hf(str(float32_folder(spec)), "cached model")
     elif source.kind == "hf":
         if is_lowbit_checkpoint(Path(source.path)):
             raise LowbitError(f"{spec} is a lowbit checkpoint; load it with lowbit.load_checkpoint")
