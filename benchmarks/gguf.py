@@ -10,13 +10,18 @@ In one run:
    computes it on the same weights (the file loaded back with lowbit.load, i.e. dequantized
    by transformers' GGUF reader) under the same protocol and token windows; the two must
    agree to 2 decimals;
-5. print a table: file size, bits per weight (from the file's tensor data), quantization
-   time, both perplexities, and lowbit's KL divergence to float32.
+5. GPTQ-fed files (lowbit.export.gguf_gptq: block scales from the imatrix-weighted search,
+   codes chosen by GPTQ on that grid) for the presets in --gptq;
+6. print a table: file size, bits per weight (from the file's tensor data), quantization
+   time, both perplexities, and lowbit's KL divergence to float32; with --markdown, write
+   it into BENCHMARKS.md between <!-- gguf:begin --> and <!-- gguf:end -->
+   (--markdown-only redoes that from benchmarks/results/gguf.json without measuring).
 
 The peer runs in its own venv (benchmarks/peers/setup_llamacpp.sh) through a subprocess.
 Results go to benchmarks/results/gguf.json; files to --workdir (default /tmp/lowbit-gguf-bench).
 
-    .venv/bin/python benchmarks/gguf.py [--peer-python ~/.cache/lowbit-peers/llamacpp/bin/python]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gguf.py --threads 1 --markdown \
+        [--peer-python ~/.cache/lowbit-peers/llamacpp/bin/python] [--gptq Q4_K_M Q3_K_M]
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -43,6 +49,7 @@ DEFAULT_PEER_PYTHON = Path.home() / ".cache" / "lowbit-peers" / "llamacpp" / "bi
 
 OURS = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K"]
 OURS_IMATRIX = ["Q4_K_M"]
+OURS_GPTQ = ["Q4_K_M", "Q3_K_M"]
 THEIRS = ["Q8_0", "Q6_K", "Q4_K_M"]
 
 
@@ -78,6 +85,16 @@ def same_tensors(a: Path, b: Path) -> dict:
     return {"tensors": len(ta), "same_type": len(same_type), "same_bytes": len(same), "differ": differ[:10]}
 
 
+def same_layout(a: Path, b: Path) -> dict:
+    """How many tensors two GGUF files give the same GGML type."""
+    from gguf import GGUFReader
+
+    ta = {t.name: t.tensor_type.name for t in GGUFReader(str(a)).tensors}
+    tb = {t.name: t.tensor_type.name for t in GGUFReader(str(b)).tensors}
+    differ = sorted(n for n in ta.keys() | tb.keys() if ta.get(n) != tb.get(n))
+    return {"tensors": len(ta), "same_type": len(ta) - len(differ), "differ": [f"{n}: {ta.get(n)} vs {tb.get(n)}" for n in differ[:10]]}
+
+
 @contextlib.contextmanager
 def scratch_model_cache():
     """lowbit.load caches a float32 copy of every GGUF it loads; keep those copies of the
@@ -96,12 +113,19 @@ def scratch_model_cache():
 
 
 def lowbit_ppl(path: Path, evals, protocol, ref) -> dict:
+    """lowbit's perplexity of the file's weights: plain float32 forward, and with the
+    activations rounded as llama.cpp's CPU kernels round them (lowbit.evaluation.llamacpp)."""
     import lowbit
+    from lowbit.evaluation.llamacpp import llamacpp_activations
 
     with scratch_model_cache():
         model, _, _ = lowbit.load(str(path))
     r = lowbit.evaluate_model(model, evals, protocol, ref, progress=False)
-    return {"ppl": r.ppl, "kl": r.kl, "top1": r.top1}
+    handles = llamacpp_activations(model, path)
+    e = lowbit.evaluate_model(model, evals, protocol, ref, progress=False)
+    for h in handles:
+        h.remove()
+    return {"ppl": r.ppl, "kl": r.kl, "top1": r.top1, "ppl_llamacpp_rounding": e.ppl, "kl_llamacpp_rounding": e.kl}
 
 
 def main() -> None:
@@ -109,7 +133,14 @@ def main() -> None:
     ap.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lowbit-gguf-bench"))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--gptq", nargs="*", default=OURS_GPTQ, help="presets to write GPTQ-fed as well")
+    ap.add_argument("--markdown", action="store_true", help="update BENCHMARKS.md")
+    ap.add_argument("--markdown-only", action="store_true", help="update BENCHMARKS.md from the saved results")
     args = ap.parse_args()
+    if args.markdown_only:
+        write_section("gguf", markdown(json.loads(RESULTS.read_text())))
+        return
+    torch_threads(args.threads)
     if not args.peer_python.is_file():
         raise SystemExit(f"no llama.cpp venv at {args.peer_python}; run benchmarks/peers/setup_llamacpp.sh")
 
@@ -161,6 +192,38 @@ def main() -> None:
     r = peer(args.peer_python, "quantize", str(f16), str(path), "--type", "Q4_K_M", "--imatrix", str(npz), "--threads", str(args.threads))
     rows.append({"file": path.name, "by": "llama.cpp (our F16+imatrix)", "preset": "Q4_K_M+imatrix", "quantize_s": r["seconds"], "path": path})
 
+    # Per-tensor types: llama.cpp's own choice for every preset against ours.
+    layouts = {}
+    for t in OURS:
+        theirs = work / f"llamacpp-{t}.gguf"
+        scratch = t not in THEIRS
+        if scratch:
+            peer(args.peer_python, "quantize", str(f16), str(theirs), "--type", t, "--threads", str(args.threads))
+        layouts[t] = same_layout(work / f"lowbit-{t}.gguf", theirs)
+        if scratch:
+            theirs.unlink()
+        print(f"layout {t}: {layouts[t]}", flush=True)
+
+    from lowbit.export.gguf_gptq import gptq_gguf
+    from lowbit.export.gguf_writer import plan_types
+
+    gptq_s = {}
+    for t in args.gptq:
+        model, tok, info = lowbit.load("smollm2-135m")  # GPTQ leaves its quantized weights in the model
+        start = time.perf_counter()
+        res = gptq_gguf(model, calib, plan_types(model, t, imatrix=True))
+        gptq_s[t] = time.perf_counter() - start
+        errs = list(res.records.values())
+        print(
+            f"GPTQ {t}: {gptq_s[t]:.1f} s; layers with lower output error than plain rounding: "
+            f"{sum(r['output_rel_error'] < r['rtn_output_rel_error'] for r in errs)}/{len(errs)}",
+            flush=True,
+        )
+        path = work / f"lowbit-{t}+GPTQ.gguf"
+        out = export_gguf(model, tok, path, t, source=info["source"], prequantized=res.raw)
+        rows.append({"file": path.name, "by": "lowbit", "preset": f"{t}+GPTQ", "quantize_s": gptq_s[t] + out.seconds, "path": path})
+    model, tok, info = lowbit.load("smollm2-135m")
+
     # Same input, same bytes? Quantize the F16-rounded weights llama.cpp started from and
     # compare every tensor with llama.cpp's file.
     with torch.no_grad():
@@ -182,36 +245,123 @@ def main() -> None:
         row["llamacpp"] = peer(args.peer_python, "ppl", str(path), "--windows", str(work / "eval_windows.npy"), "--threads", str(args.threads))
         row["lowbit"] = lowbit_ppl(path, evals, protocol, ref)
         row["agree_2dp"] = round(row["llamacpp"]["ppl"], 2) == round(row["lowbit"]["ppl"], 2)
+        row["agree_2dp_llamacpp_rounding"] = round(row["llamacpp"]["ppl"], 2) == round(row["lowbit"]["ppl_llamacpp_rounding"], 2)
         print(
-            f"{row['file']}: llama.cpp {row['llamacpp']['ppl']:.4f}  lowbit {row['lowbit']['ppl']:.4f}", flush=True
+            f"{row['file']}: llama.cpp {row['llamacpp']['ppl']:.4f}  lowbit {row['lowbit']['ppl']:.4f}  "
+            f"lowbit with llama.cpp's activation rounding {row['lowbit']['ppl_llamacpp_rounding']:.4f}", flush=True
         )
+        (work / "rows-measured.json").write_text(json.dumps([r for r in rows if "llamacpp" in r], indent=1))
 
     result = {
         "model": "smollm2-135m",
         "fp32_ppl": fp.ppl,
         "imatrix_seconds": imatrix_s,
         "imatrix_tokens": int(calib.numel()),
+        "threads": args.threads,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "llama_cpp_python": rows[1]["llamacpp"].get("llama_cpp_python"),
         "rows": rows,
         "byte_identical_to_llamacpp_from_f16": identical,
+        "layout_same_as_llamacpp": layouts,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
     for label, v in identical.items():
         print(f"lowbit from F16 vs llama.cpp, {label}: {v['same_bytes']}/{v['tensors']} tensors byte-identical")
+    if args.markdown:
+        write_section("gguf", markdown(result))
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def write_section(name: str, text: str) -> None:
+    """Replace the <!-- name:begin --> ... <!-- name:end --> block of BENCHMARKS.md."""
+    path = ROOT / "BENCHMARKS.md"
+    doc = path.read_text() if path.exists() else "# Benchmarks\n"
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{text}\n{end}"
+    if begin in doc:
+        doc = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
+    else:
+        doc += "\n" + block + "\n"
+    path.write_text(doc)
+
+
+def markdown(result: dict) -> str:
+    fp = result["fp32_ppl"]
+    rows = result["rows"]
+    by = {(r["by"].split(" ")[0], r["preset"]): r for r in rows}
+    lines = [
+        "## GGUF export, measured by llama.cpp (`benchmarks/gguf.py`)",
+        "",
+        f"SmolLM2-135M, fp32 perplexity {fp:.2f} (lowbit). Every file is loaded by llama.cpp (llama-cpp-python "
+        f"{result.get('llama_cpp_python')}) and by lowbit (transformers' GGUF reader), and both compute the perplexity "
+        "of the same 20 x 512-token windows; importance matrix and GPTQ use the 32 x 512 calibration windows "
+        f"({result['imatrix_tokens']} tokens, disjoint from the evaluation text). llama.cpp's files are made by "
+        "`llama_model_quantize` from lowbit's F16 file in the same run. Bits per weight: tensor bytes of the file "
+        f"over its element count (all tensors). {result.get('threads', '?')} thread(s), "
+        f"{result['machine']['platform']}.",
+        "",
+        "ppl lowbit: float32 forward of the file's weights; ppl lowbit (llama.cpp rounding): the same with every "
+        "Linear's input rounded as llama.cpp's CPU kernels round it for that tensor's type (Q8_0 blocks of 32, Q8_K "
+        "blocks of 256, float16; `lowbit/evaluation/llamacpp.py`). \"same\": equal to llama.cpp's figure at 2 decimals.",
+        "",
+        "| file | made by | bytes | bits/weight | quantize s | ppl llama.cpp | ppl lowbit | ppl lowbit (llama.cpp rounding) | same | vs fp32 (llama.cpp) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|:-:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['file']} | {r['by']} | {r['bytes']:,} | {r['bpw']:.3f} | {r['quantize_s']:.1f} | "
+            f"{r['llamacpp']['ppl']:.2f} | {r['lowbit']['ppl']:.2f} | {r['lowbit']['ppl_llamacpp_rounding']:.2f} | "
+            f"{'yes' if r['agree_2dp_llamacpp_rounding'] else 'no'} | {100 * (r['llamacpp']['ppl'] / fp - 1):+.2f}% |"
+        )
+    lines += ["", "Checks (llama.cpp's perplexities):", ""]
+    theirs = by.get(("llama.cpp", "Q4_K_M"))
+    for key in (("lowbit", "Q4_K_M"), ("lowbit", "Q4_K_M+imatrix"), ("lowbit", "Q4_K_M+GPTQ")):
+        ours = by.get(key)
+        if ours and theirs:
+            lines.append(
+                f"- {key[1]} (lowbit) vs llama.cpp's Q4_K_M: {ours['llamacpp']['ppl']:.2f} vs {theirs['llamacpp']['ppl']:.2f} "
+                f"({'no worse' if ours['llamacpp']['ppl'] <= theirs['llamacpp']['ppl'] else 'WORSE'}), "
+                f"{ours['bytes']:,} vs {theirs['bytes']:,} bytes "
+                f"({'no larger' if ours['bytes'] <= theirs['bytes'] else 'LARGER'})"
+            )
+    for preset, limit in (("Q8_0", 0.3), ("Q6_K", 1.0)):
+        ours = by.get(("lowbit", preset))
+        if ours:
+            d = [100 * (ours[k]["ppl"] / fp - 1) for k in ("llamacpp", "lowbit")]
+            lines.append(
+                f"- {preset} (lowbit) vs fp32: {d[0]:+.2f}% in llama.cpp, {d[1]:+.2f}% in lowbit "
+                f"(target within {limit}%: {'met' if max(d) <= limit else 'met in lowbit only' if d[1] <= limit else 'not met'})"
+            )
+    lay = result.get("layout_same_as_llamacpp", {})
+    if lay:
+        lines += ["", "Per-tensor types against llama.cpp's own file of the same preset: " + "; ".join(
+            f"{k}: {v['same_type']}/{v['tensors']} the same" for k, v in lay.items()) + "."]
+    ident = result.get("byte_identical_to_llamacpp_from_f16", {})
+    if ident:
+        lines += ["", "Quantizing the same F16-rounded weights, lowbit's tensors against llama.cpp's: " + "; ".join(
+            f"{k}: {v['same_bytes']}/{v['tensors']} byte-identical" for k, v in ident.items()) + "."]
+    return "\n".join(lines)
 
 
 def print_table(result: dict) -> None:
     print(f"\nsmollm2-135m, fp32 perplexity {result['fp32_ppl']:.2f}; imatrix {result['imatrix_seconds']:.1f} s")
-    head = f"{'file':<28} {'by':<25} {'bytes':>12} {'bpw':>6} {'quant s':>8} {'ppl llama.cpp':>14} {'ppl lowbit':>11} {'agree':>6} {'KL':>7}"
+    head = (f"{'file':<30} {'by':<27} {'bytes':>12} {'bpw':>6} {'quant s':>8} {'ppl llama.cpp':>14} {'ppl lowbit':>11} "
+            f"{'(ll. rounding)':>14} {'agree':>6} {'KL':>7}")
     print(head)
     print("-" * len(head))
     for r in result["rows"]:
+        lb = r["lowbit"]
         print(
-            f"{r['file']:<28} {r['by']:<25} {r['bytes']:>12,} {r['bpw']:>6.3f} {r['quantize_s']:>8.1f} "
-            f"{r['llamacpp']['ppl']:>14.4f} {r['lowbit']['ppl']:>11.4f} {('yes' if r['agree_2dp'] else 'NO'):>6} {r['lowbit']['kl']:>7.4f}"
+            f"{r['file']:<30} {r['by']:<27} {r['bytes']:>12,} {r['bpw']:>6.3f} {r['quantize_s']:>8.1f} "
+            f"{r['llamacpp']['ppl']:>14.4f} {lb['ppl']:>11.4f} {lb['ppl_llamacpp_rounding']:>14.4f} "
+            f"{('yes' if r['agree_2dp_llamacpp_rounding'] else 'NO'):>6} {lb['kl']:>7.4f}"
         )
 
 

@@ -353,15 +353,11 @@ def test_smollm2_q4_k_m(tmp_path, monkeypatch):
 
 
 def _cli(args):
-    import typer
     from typer.testing import CliRunner
 
-    from lowbit.cli.gguf import export_gguf as command
+    from lowbit.cli.main import app
 
-    app = typer.Typer()
-    app.command("gguf")(command)
-    app.command("noop")(lambda: None)  # two commands, so "gguf" is a subcommand as in `lowbit export gguf`
-    return CliRunner().invoke(app, ["gguf", *args])
+    return CliRunner().invoke(app, ["export", "gguf", *args])
 
 
 def test_cli_export_gguf(kdir, tmp_path, cache):
@@ -372,5 +368,7 @@ def test_cli_export_gguf(kdir, tmp_path, cache):
     bad = _cli([str(kdir), "--type", "Q4_K_X", "-o", str(tmp_path / "x.gguf")])
     assert bad.exit_code == 2 and "unknown GGUF type 'Q4_K_X'" in bad.output
     bad = _cli([str(kdir), "--calib", "x.txt", "-o", str(tmp_path / "x.gguf")])
-    assert bad.exit_code == 2 and "--calib is only used with --imatrix" in bad.output
+    assert bad.exit_code == 2 and "--calib is only used with --imatrix or --gptq" in bad.output
+    bad = _cli([str(kdir), "--imatrix", "--gptq", "-o", str(tmp_path / "x.gguf")])
+    assert bad.exit_code == 2 and "give --imatrix or --gptq, not both" in bad.output
     assert not (tmp_path / "x.gguf").exists()

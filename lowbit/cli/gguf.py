@@ -1,6 +1,7 @@
 """``lowbit export gguf``: write a model as a GGUF file for llama.cpp.
 
     lowbit export gguf smollm2-135m --type Q4_K_M --imatrix -o smollm2-q4_k_m.gguf
+    lowbit export gguf smollm2-135m --type Q4_K_M --gptq -o smollm2-q4_k_m-gptq.gguf
 
 ``export_gguf`` is a plain typer command function; lowbit/cli/export.py registers it on
 its sub-app (``export_app.command("gguf")(export_gguf)``). Errors follow main.py's pattern
@@ -60,6 +61,14 @@ def export_gguf(
         Optional[str],
         typer.Option("--calib", help="Calibration text for --imatrix (file or folder). Default: the end of the embedded Wikipedia text."),
     ] = None,
+    gptq: Annotated[
+        bool,
+        typer.Option(
+            "--gptq",
+            help="GPTQ-fed codes: each Linear's block scales are chosen as with --imatrix (importance from the same "
+            "calibration pass), then GPTQ picks the codes on that grid with error feedback. Slower (minutes).",
+        ),
+    ] = False,
     save_imatrix: Annotated[
         Optional[Path],
         typer.Option("--save-imatrix", help="Also write the importance matrix in llama.cpp's imatrix GGUF format."),
@@ -76,8 +85,10 @@ def export_gguf(
     from .main import out
 
     p = preset(type)  # an unknown type fails before anything is loaded
-    if calib is not None and not imatrix:
-        raise LowbitError("--calib is only used with --imatrix")
+    if calib is not None and not (imatrix or gptq):
+        raise LowbitError("--calib is only used with --imatrix or --gptq")
+    if imatrix and gptq:
+        raise LowbitError("--gptq takes its importance from its own calibration pass; give --imatrix or --gptq, not both")
     if save_imatrix is not None and not imatrix:
         raise LowbitError("--save-imatrix needs --imatrix")
     if output.is_dir():
@@ -85,7 +96,15 @@ def export_gguf(
     start = time.perf_counter()
     m, tok, info = api.load(model)
     gguf_writer.hf_to_gguf_names(m)  # an unsupported architecture fails before calibration
-    imat = None
+    imat = prequantized = None
+    if gptq and info.get("checkpoint"):
+        raise LowbitError(f"--gptq quantizes a float model, and {model} is a lowbit checkpoint (already quantized)")
+    if gptq:
+        from ..export.gguf_gptq import gptq_gguf
+
+        _, windows = api.prepare_windows(tok, Protocol(), calib=calib)
+        types = gguf_writer.plan_types(m, p.name, imatrix=True)
+        prequantized = gptq_gguf(m, windows, types, progress=api.progress_bar("GPTQ")).raw
     if imatrix:
         from ..calibration.imatrix import collect_imatrix
 
@@ -98,12 +117,13 @@ def export_gguf(
             by_gguf = {names[f"{k}.weight"]: v.numpy() for k, v in imat.items() if f"{k}.weight" in names}
             write_imatrix(save_imatrix, by_gguf, n_tokens=windows.numel(), chunk_size=windows.shape[1], dataset=calib or "wikipedia")
     result = gguf_writer.export_gguf(
-        m, tok, output, p.name, imatrix=imat, source=info["source"], progress=api.progress_bar(f"quantize {p.name}")
+        m, tok, output, p.name, imatrix=imat, source=info["source"], progress=api.progress_bar(f"quantize {p.name}"),
+        prequantized=prequantized,
     )
     counts = ", ".join(f"{n} {t}" for t, n in sorted(result.type_counts.items(), key=lambda kv: -kv[1]))
     note = " (dequantized lowbit checkpoint)" if info.get("checkpoint") else ""
     out.print(
-        f"wrote {output}{note}: {p.name}{' + imatrix' if imat is not None else ''}, {result.file_bytes:,} bytes, "
+        f"wrote {output}{note}: {p.name}{' + imatrix' if imat is not None else ''}{' + GPTQ' if gptq else ''}, {result.file_bytes:,} bytes, "
         f"{result.bits_per_weight:.3f} bits per weight, tensors: {counts}; {time.perf_counter() - start:.1f} s",
         highlight=False,
         soft_wrap=True,

@@ -366,6 +366,19 @@ def _importance(imatrix: dict | None, hf_name: str, cols: int):
     return imp
 
 
+def plan_types(model: torch.nn.Module, type: str, imatrix: bool = False) -> dict:
+    """{HF tensor name: GGML type} that preset ``type`` gives each tensor export_gguf
+    writes (llama.cpp's per-tensor rules, gguf_presets.choose_types)."""
+    config = model.config
+    names = hf_to_gguf_names(model)
+    n_head = config.num_attention_heads
+    hp = ModelShape(n_layer=config.num_hidden_layers, n_head=n_head,
+                    n_head_kv=getattr(config, "num_key_value_heads", None) or n_head)
+    shapes = {hf: shape for hf, (shape, _) in _tensor_sources(model).items()}
+    chosen = choose_types(type, [(names[hf], shape) for hf, shape in shapes.items()], hp, imatrix=imatrix)
+    return {hf: chosen[names[hf]] for hf in shapes}
+
+
 def export_gguf(
     model: torch.nn.Module,
     tokenizer,
@@ -374,12 +387,16 @@ def export_gguf(
     imatrix: dict | None = None,
     source: dict | None = None,
     progress=None,
+    prequantized: dict | None = None,
 ) -> GGUFExport:
     """Write ``model`` to ``out`` as a GGUF file of preset ``type`` (Q4_K_M, Q8_0, F16, ...).
 
     imatrix: {Linear name: per-column mean of x^2} from collect_imatrix, or None.
     source: lowbit's info["source"]; a model that came from a GGUF gets that file's
     general.* and tokenizer.* metadata. A lowbit checkpoint exports its dequantized weights.
+    prequantized: {HF weight name: (GGML type, uint8 bytes [rows, row_bytes])} written as
+    they are instead of quantizing that tensor (GPTQ-fed codes, see gguf_gptq); the type
+    must be the one the preset picks (``plan_types``), and rows are in Hugging Face order.
     """
     import gguf
 
@@ -392,22 +409,41 @@ def export_gguf(
     sources = _tensor_sources(model)
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    prequantized = prequantized or {}
+    for hf in prequantized:
+        if hf not in sources:
+            raise LowbitError(f"GGUF export: prequantized tensor {hf} is not a tensor of this model")
 
     def prepared(hf: str) -> np.ndarray:
         """The tensor as the GGUF file holds it, float32."""
         g, t = names[hf], sources[hf][1]()
         if not torch.isfinite(t).all():
             raise LowbitError(f"GGUF export: tensor {hf} has NaN/inf values")
-        if spec.permute_qk and g.endswith(("attn_q.weight", "attn_q.bias")):
-            t = _permute_qk(t, n_head)
-        elif spec.permute_qk and g.endswith(("attn_k.weight", "attn_k.bias")):
-            t = _permute_qk(t, n_kv)
+        t = permute_rows(g, t)
         if spec.norm_shift and g.endswith("norm.weight"):
             t = t + spec.norm_shift
         return t.contiguous().numpy()
 
-    hp = ModelShape(n_layer=config.num_hidden_layers, n_head=n_head, n_head_kv=n_kv)
-    types = choose_types(p.name, [(names[hf], shape) for hf, (shape, _) in sources.items()], hp, imatrix=imatrix is not None)
+    by_hf = plan_types(model, p.name, imatrix=imatrix is not None or bool(prequantized))
+    types = {names[hf]: t for hf, t in by_hf.items()}
+
+    def permute_rows(g: str, t: torch.Tensor) -> torch.Tensor:
+        if spec.permute_qk and g.endswith(("attn_q.weight", "attn_q.bias")):
+            return _permute_qk(t, n_head)
+        if spec.permute_qk and g.endswith(("attn_k.weight", "attn_k.bias")):
+            return _permute_qk(t, n_kv)
+        return t
+
+    def encoded(g: str, hf: str, arr):
+        if hf in prequantized:
+            t, raw = prequantized[hf]
+            if t != types[g]:
+                raise LowbitError(f"GGUF export: prequantized {hf} is {t.name} but preset {p.name} gives it {types[g].name}")
+            # GGML blocks run along rows, so permuting whole rows commutes with quantizing
+            return np.ascontiguousarray(permute_rows(g, torch.from_numpy(np.asarray(raw))).numpy()), t, sources[hf][0]
+        arr = prepared(hf) if arr is None else arr
+        data, raw_type = _encode(arr, types[g], _importance(imatrix, hf, arr.shape[-1]), hf or g)
+        return data, raw_type, arr.shape
 
     out = Path(out)
     with atomic_path(out) as tmp:
@@ -431,11 +467,10 @@ def export_gguf(
             types[g] = gguf.GGMLQuantizationType.F32
         iterator = progress(items) if progress else items
         for g, hf, arr in iterator:
-            arr = prepared(hf) if arr is None else arr
-            data, raw = _encode(arr, types[g], _importance(imatrix, hf, arr.shape[-1]), hf or g)
+            data, raw, shape = encoded(g, hf, arr)
             w.add_tensor(g, data, raw_dtype=raw)
             tensor_bytes += data.nbytes
-            n_elements += arr.size
+            n_elements += int(np.prod(shape))
         seconds = time.perf_counter() - start
         w.write_header_to_file()
         w.write_kv_data_to_file()
