@@ -136,6 +136,9 @@ def main() -> None:
     ap.add_argument("--gptq", nargs="*", default=OURS_GPTQ, help="presets to write GPTQ-fed as well")
     ap.add_argument("--markdown", action="store_true", help="update BENCHMARKS.md")
     ap.add_argument("--markdown-only", action="store_true", help="update BENCHMARKS.md from the saved results")
+    ap.add_argument("--ppl", nargs="*", help="measure perplexities of these files only (names without .gguf); others: size only")
+    ap.add_argument("--measure-only", action="store_true", help="measure the files of an earlier run (WORKDIR/generated.json)")
+    ap.add_argument("--resume", action="store_true", help="keep rows already measured (WORKDIR/rows-measured.json)")
     args = ap.parse_args()
     if args.markdown_only:
         write_section("gguf", markdown(json.loads(RESULTS.read_text())))
@@ -148,6 +151,17 @@ def main() -> None:
     import torch
 
     import lowbit
+
+    if args.measure_only:
+        model, tok, info = lowbit.load("smollm2-135m")
+        protocol = lowbit.Protocol()
+        evals, _ = lowbit.prepare_windows(tok, protocol)
+        ref, fp = lowbit.reference_for(model, info["source"]["fingerprint"], evals, protocol, progress=False)
+        del model
+        state = json.loads((args.workdir / "generated.json").read_text())
+        state["fp32_ppl"] = fp.ppl
+        measure(args, state, evals, protocol, ref)
+        return
     from lowbit.calibration.imatrix import collect_imatrix
     from lowbit.export.gguf_writer import export_gguf, hf_to_gguf_names
 
@@ -238,10 +252,35 @@ def main() -> None:
         mine.unlink()
         print(f"from F16, {label}: {identical[label]}", flush=True)
     del model
+    state = {
+        "rows": [{**r, "path": str(r["path"])} for r in rows],
+        "fp32_ppl": fp.ppl,
+        "imatrix_seconds": imatrix_s,
+        "imatrix_tokens": int(calib.numel()),
+        "byte_identical_to_llamacpp_from_f16": identical,
+        "layout_same_as_llamacpp": layouts,
+    }
+    (work / "generated.json").write_text(json.dumps(state, indent=1))
+    measure(args, state, evals, protocol, ref)
 
-    for row in rows:
-        path = row.pop("path")
+
+def measure(args, state: dict, evals, protocol, ref) -> None:
+    """Perplexities (llama.cpp, lowbit) of the files listed in ``state``; rows not in
+    --ppl get their size only. With --resume, rows already in rows-measured.json are kept."""
+    work = args.workdir
+    done_path = work / "rows-measured.json"
+    done = {r["file"]: r for r in json.loads(done_path.read_text())} if args.resume and done_path.exists() else {}
+    rows = []
+    for row in state["rows"]:
+        row = dict(row)
+        path = Path(row.pop("path"))
+        if row["file"] in done:
+            rows.append(done[row["file"]])
+            continue
         row.update(file_stats(path))
+        rows.append(row)
+        if args.ppl and path.stem not in args.ppl:
+            continue
         row["llamacpp"] = peer(args.peer_python, "ppl", str(path), "--windows", str(work / "eval_windows.npy"), "--threads", str(args.threads))
         row["lowbit"] = lowbit_ppl(path, evals, protocol, ref)
         row["agree_2dp"] = round(row["llamacpp"]["ppl"], 2) == round(row["lowbit"]["ppl"], 2)
@@ -250,24 +289,26 @@ def main() -> None:
             f"{row['file']}: llama.cpp {row['llamacpp']['ppl']:.4f}  lowbit {row['lowbit']['ppl']:.4f}  "
             f"lowbit with llama.cpp's activation rounding {row['lowbit']['ppl_llamacpp_rounding']:.4f}", flush=True
         )
-        (work / "rows-measured.json").write_text(json.dumps([r for r in rows if "llamacpp" in r], indent=1))
+        done[row["file"]] = row
+        done_path.write_text(json.dumps(list(done.values()), indent=1))
 
+    measured = [r for r in rows if "llamacpp" in r]
     result = {
         "model": "smollm2-135m",
-        "fp32_ppl": fp.ppl,
-        "imatrix_seconds": imatrix_s,
-        "imatrix_tokens": int(calib.numel()),
+        "fp32_ppl": state["fp32_ppl"],
+        "imatrix_seconds": state["imatrix_seconds"],
+        "imatrix_tokens": state["imatrix_tokens"],
         "threads": args.threads,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
-        "llama_cpp_python": rows[1]["llamacpp"].get("llama_cpp_python"),
+        "llama_cpp_python": measured[0]["llamacpp"].get("llama_cpp_python") if measured else None,
         "rows": rows,
-        "byte_identical_to_llamacpp_from_f16": identical,
-        "layout_same_as_llamacpp": layouts,
+        "byte_identical_to_llamacpp_from_f16": state["byte_identical_to_llamacpp_from_f16"],
+        "layout_same_as_llamacpp": state["layout_same_as_llamacpp"],
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
-    for label, v in identical.items():
+    for label, v in result["byte_identical_to_llamacpp_from_f16"].items():
         print(f"lowbit from F16 vs llama.cpp, {label}: {v['same_bytes']}/{v['tensors']} tensors byte-identical")
     if args.markdown:
         write_section("gguf", markdown(result))
@@ -295,7 +336,7 @@ def write_section(name: str, text: str) -> None:
 def markdown(result: dict) -> str:
     fp = result["fp32_ppl"]
     rows = result["rows"]
-    by = {(r["by"].split(" ")[0], r["preset"]): r for r in rows}
+    by = {(r["by"].split(" ")[0], r["preset"]): r for r in rows if "llamacpp" in r}
     lines = [
         "## GGUF export, measured by llama.cpp (`benchmarks/gguf.py`)",
         "",
@@ -315,8 +356,12 @@ def markdown(result: dict) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|:-:|---:|",
     ]
     for r in rows:
+        qs = "-" if r.get("quantize_s") is None else f"{r['quantize_s']:.1f}"
+        if "llamacpp" not in r:
+            lines.append(f"| {r['file']} | {r['by']} | {r['bytes']:,} | {r['bpw']:.3f} | {qs} | - | - | - | - | - |")
+            continue
         lines.append(
-            f"| {r['file']} | {r['by']} | {r['bytes']:,} | {r['bpw']:.3f} | {r['quantize_s']:.1f} | "
+            f"| {r['file']} | {r['by']} | {r['bytes']:,} | {r['bpw']:.3f} | {qs} | "
             f"{r['llamacpp']['ppl']:.2f} | {r['lowbit']['ppl']:.2f} | {r['lowbit']['ppl_llamacpp_rounding']:.2f} | "
             f"{'yes' if r['agree_2dp_llamacpp_rounding'] else 'no'} | {100 * (r['llamacpp']['ppl'] / fp - 1):+.2f}% |"
         )
@@ -357,6 +402,9 @@ def print_table(result: dict) -> None:
     print(head)
     print("-" * len(head))
     for r in result["rows"]:
+        if "llamacpp" not in r:
+            print(f"{r['file']:<30} {r['by']:<27} {r['bytes']:>12,} {r['bpw']:>6.3f} {r['quantize_s'] or 0:>8.1f}")
+            continue
         lb = r["lowbit"]
         print(
             f"{r['file']:<30} {r['by']:<27} {r['bytes']:>12,} {r['bpw']:>6.3f} {r['quantize_s']:>8.1f} "

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
 from ..errors import LowbitError
+from ..formats.gguf.table import FALLBACK
 
 T = GGMLQuantizationType
 
@@ -70,11 +71,6 @@ PRESETS: dict[str, Preset] = {
     )
 }
 
-# The block-256 types and what llama.cpp writes instead when a row is not a multiple of
-# 256 wide (tensor_type_fallback). Note Q2_K/Q3_K -> Q4_0: older llama.cpp releases used
-# IQ4_NL there, which is what lowbit.formats.gguf.fallback_type still says.
-_FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
-
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -101,7 +97,7 @@ def fallback(ggml_type: T, ncols: int) -> T:
     """The type llama.cpp writes for rows ``ncols`` wide when it asked for ``ggml_type``."""
     if ggml_type in (T.F32, T.F16, T.BF16) or ncols % _block(ggml_type) == 0:
         return ggml_type
-    sub = _FALLBACK.get(ggml_type, ggml_type)
+    sub = FALLBACK.get(ggml_type, ggml_type)  # the codecs' table of llama.cpp's choices
     return sub if ncols % _block(sub) == 0 else T.F16
 
 
