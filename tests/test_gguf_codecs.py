@@ -109,8 +109,8 @@ def test_iq4nl_grid_is_ggmls():
 
 def test_fallback_types_follow_llama_cpp():
     assert G.fallback_type("Q4_K", 768) == T.Q4_K
-    assert G.fallback_type("Q2_K", 576) == T.IQ4_NL
-    assert G.fallback_type("Q3_K", 576) == T.IQ4_NL
+    assert G.fallback_type("Q2_K", 576) == T.Q4_0
+    assert G.fallback_type("Q3_K", 576) == T.Q4_0
     assert G.fallback_type("Q4_K", 576) == T.Q5_0
     assert G.fallback_type("Q5_K", 576) == T.Q5_1
     assert G.fallback_type("Q6_K", 576) == T.Q8_0

@@ -2,6 +2,7 @@
 
     lowbit export compressed-tensors CKPT -o OUT     transformers / vLLM (pack-quantized)
     lowbit export gptq CKPT -o OUT [--format gptq_v2]  GPTQModel, AutoGPTQ, vLLM
+    lowbit export gguf MODEL --type Q4_K_M [--imatrix] -o OUT.gguf   llama.cpp (see gguf.py)
 
 Registered by main.py as a sub-app; errors follow main.py's pattern (``error: ...``, exit 2).
 """
@@ -15,7 +16,7 @@ from typing import Annotated
 import typer
 
 export_app = typer.Typer(
-    help="Export a lowbit checkpoint to a format other tools load (compressed-tensors, GPTQ).",
+    help="Export a model or lowbit checkpoint to a format other tools load (compressed-tensors, GPTQ, GGUF).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -78,3 +79,12 @@ def gptq(
     model, tok = _load(checkpoint)
     export_gptq(model, tok, output, checkpoint_format=format)
     _say(f"wrote {output}/ (GPTQ, checkpoint format {format})")
+
+
+def _add_gguf() -> None:
+    from .gguf import export_gguf
+
+    export_app.command("gguf")(export_gguf)
+
+
+_add_gguf()

@@ -98,9 +98,12 @@ def row_bytes(qtype: str | int | GGMLQuantizationType, width: int) -> int:
 
 # What llama.cpp's quantizer writes instead of a k-quant when a row's width is not a
 # multiple of 256 (llama-quant.cpp); if the substitute's block does not fit either, F16.
-_FALLBACK = {
-    GGMLQuantizationType.Q2_K: GGMLQuantizationType.IQ4_NL,
-    GGMLQuantizationType.Q3_K: GGMLQuantizationType.IQ4_NL,
+# Q2_K/Q3_K -> Q4_0 is what the llama.cpp of llama-cpp-python 0.3.36 writes (older
+# releases used IQ4_NL); benchmarks/gguf.py compares every preset's per-tensor types with
+# llama.cpp's own files.
+FALLBACK = {
+    GGMLQuantizationType.Q2_K: GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.Q3_K: GGMLQuantizationType.Q4_0,
     GGMLQuantizationType.Q4_K: GGMLQuantizationType.Q5_0,
     GGMLQuantizationType.Q5_K: GGMLQuantizationType.Q5_1,
     GGMLQuantizationType.Q6_K: GGMLQuantizationType.Q8_0,
@@ -112,7 +115,7 @@ def fallback_type(qtype: str | int | GGMLQuantizationType, width: int) -> GGMLQu
     t = resolve_type(qtype)
     if width % GGML_QUANT_SIZES[t][0] == 0:
         return t
-    sub = _FALLBACK.get(t)
+    sub = FALLBACK.get(t)
     if sub is None or width % GGML_QUANT_SIZES[sub][0]:
         return GGMLQuantizationType.F16
     return sub

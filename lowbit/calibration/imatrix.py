@@ -1,0 +1,115 @@
+"""llama.cpp's importance matrix: per input column of each Linear, the mean of x^2 over
+all calibration tokens.
+
+The GGUF k-quant searches weigh each weight's squared error by its column's importance
+(``lowbit.formats.gguf.quantize_tensor(w, type, importance)``), which is exactly the
+expected squared error of the layer's output when inputs are uncorrelated across
+columns. The statistics are taken on the float model, in one pass through lowbit's
+block-wise runner (one forward per block, inputs threaded from block to block), so the
+calibration tokens, BOS handling and memory profile are those of every other method.
+
+``save_imatrix``/``load_imatrix`` read and write llama.cpp's imatrix GGUF layout
+(``<tensor>.in_sum2`` and ``<tensor>.counts`` per GGUF weight name; general.type
+"imatrix"), so llama-quantize can use an imatrix made here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import LowbitError
+from ..runner import BlockContext, run_blocks
+
+log = logging.getLogger(__name__)
+
+
+def collect_imatrix(model: torch.nn.Module, calib_windows: torch.Tensor, progress=None) -> dict[str, torch.Tensor]:
+    """{full Linear name (e.g. ``model.layers.0.self_attn.q_proj``): float32 [in_features]}.
+
+    Runs the float model on ``calib_windows`` ([n, seq_len] token ids) block by block;
+    the model is not modified. Sums are kept in float64 so the result does not depend on
+    how many tokens there are.
+    """
+    if calib_windows is None or calib_windows.numel() == 0:
+        raise LowbitError("imatrix: no calibration windows")
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def one_block(ctx: BlockContext) -> torch.Tensor:
+        def observe(name):
+            full = ctx.full_name(name)
+
+            def hook(_module, args):
+                x = args[0].detach()
+                x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+                s = (x * x).sum(dim=0)
+                sums[full] = sums[full] + s if full in sums else s
+                counts[full] = counts.get(full, 0) + x.shape[0]
+
+            return hook
+
+        return ctx.forward_with_hooks({name: observe(name) for name in ctx.linears()})
+
+    was_training = model.training
+    model.eval()
+    try:
+        run_blocks(model, one_block, calib_windows, progress=progress)
+    finally:
+        model.train(was_training)
+    result = {name: (s / counts[name]).to(torch.float32) for name, s in sums.items()}
+    for name, v in result.items():
+        if not torch.isfinite(v).all():
+            raise LowbitError(f"imatrix: layer {name} saw non-finite activations")
+    log.info("imatrix: %d layers over %d tokens", len(result), calib_windows.numel())
+    return result
+
+
+def save_imatrix(path: str | Path, imatrix_by_gguf_name: dict[str, np.ndarray], n_tokens: int, chunk_size: int, dataset: str = "") -> Path:
+    """Write an imatrix in llama.cpp's GGUF layout. Keys are GGUF weight names
+    (``blk.0.attn_q.weight``); llama.cpp stores the sum of x^2 ([1, cols]) and the number
+    of tokens summed ([1, 1]), so the mean is turned back into a sum over ``n_tokens``."""
+    import gguf
+
+    from ..cache import atomic_path
+
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(tmp, arch="imatrix")
+        w.add_type("imatrix")
+        w.add_array("imatrix.datasets", [dataset or "lowbit calibration windows"])
+        w.add_uint32("imatrix.chunk_count", max(1, n_tokens // max(1, chunk_size)))
+        w.add_uint32("imatrix.chunk_size", chunk_size)
+        for name in sorted(imatrix_by_gguf_name):
+            mean = np.asarray(imatrix_by_gguf_name[name], dtype=np.float64)
+            w.add_tensor(f"{name}.in_sum2", (mean * n_tokens).astype(np.float32).reshape(1, -1))
+            w.add_tensor(f"{name}.counts", np.array([[n_tokens]], dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return Path(path)
+
+
+def load_imatrix(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a llama.cpp imatrix GGUF: {GGUF weight name: mean of x^2 per column}."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf raises several kinds for a bad file
+        raise LowbitError(f"{path} is not a readable imatrix GGUF ({type(e).__name__}: {e})") from None
+    tensors = {t.name: np.asarray(t.data, dtype=np.float64).reshape(-1) for t in reader.tensors}
+    out = {}
+    for name, data in tensors.items():
+        if name.endswith(".in_sum2"):
+            base = name[: -len(".in_sum2")]
+            count = tensors.get(f"{base}.counts")
+            if count is None or count.size != 1 or count[0] <= 0:
+                raise LowbitError(f"imatrix {path}: tensor {base} has no usable .counts")
+            out[base] = (data / count[0]).astype(np.float32)
+    if not out:
+        raise LowbitError(f"{path} holds no imatrix entries (*.in_sum2)")
+    return out

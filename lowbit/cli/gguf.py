@@ -1,0 +1,130 @@
+"""``lowbit export gguf``: write a model as a GGUF file for llama.cpp.
+
+    lowbit export gguf smollm2-135m --type Q4_K_M --imatrix -o smollm2-q4_k_m.gguf
+    lowbit export gguf smollm2-135m --type Q4_K_M --gptq -o smollm2-q4_k_m-gptq.gguf
+
+``export_gguf`` is a plain typer command function; lowbit/cli/export.py registers it on
+its sub-app (``export_app.command("gguf")(export_gguf)``). Errors follow main.py's pattern
+(``error: ...``, exit 2), looked up at call time so that importing this module from
+export.py cannot form an import cycle.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def _handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .main import handle_errors as main_handler
+
+        return main_handler(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+_TYPES = "Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, F16, BF16, F32"
+
+
+@_handle_errors
+def export_gguf(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Embedded model name (smollm2-135m), a .gguf file, a Hugging Face folder, or a lowbit checkpoint "
+            "folder. A checkpoint is exported with its dequantized weights (its own number format is not kept; "
+            "activation quantization is dropped)."
+        ),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="GGUF file to write (replaced if it exists).")],
+    type: Annotated[
+        str,
+        typer.Option(
+            "--type",
+            help=f"llama.cpp file type: per-tensor types chosen as llama-quantize does ({_TYPES}).",
+        ),
+    ] = "Q4_K_M",
+    imatrix: Annotated[
+        bool,
+        typer.Option(
+            "--imatrix",
+            help="Weigh quantization errors by an importance matrix (mean x^2 per input column of every Linear) "
+            "collected on the calibration windows.",
+        ),
+    ] = False,
+    calib: Annotated[
+        Optional[str],
+        typer.Option("--calib", help="Calibration text for --imatrix (file or folder). Default: the end of the embedded Wikipedia text."),
+    ] = None,
+    gptq: Annotated[
+        bool,
+        typer.Option(
+            "--gptq",
+            help="GPTQ-fed codes: each Linear's block scales are chosen as with --imatrix (importance from the same "
+            "calibration pass), then GPTQ picks the codes on that grid with error feedback. Slower (minutes).",
+        ),
+    ] = False,
+    save_imatrix: Annotated[
+        Optional[Path],
+        typer.Option("--save-imatrix", help="Also write the importance matrix in llama.cpp's imatrix GGUF format."),
+    ] = None,
+) -> None:
+    """Write MODEL as a GGUF file (llama, qwen2, gemma3 text models) quantized by lowbit's GGML codecs."""
+    import time
+
+    from .. import api
+    from ..calibration.data import Protocol
+    from ..errors import LowbitError
+    from ..export import gguf_writer
+    from ..export.gguf_presets import preset
+    from .main import out
+
+    p = preset(type)  # an unknown type fails before anything is loaded
+    if calib is not None and not (imatrix or gptq):
+        raise LowbitError("--calib is only used with --imatrix or --gptq")
+    if imatrix and gptq:
+        raise LowbitError("--gptq takes its importance from its own calibration pass; give --imatrix or --gptq, not both")
+    if save_imatrix is not None and not imatrix:
+        raise LowbitError("--save-imatrix needs --imatrix")
+    if output.is_dir():
+        raise LowbitError(f"output {output} is a folder; give a file name such as model.gguf")
+    start = time.perf_counter()
+    m, tok, info = api.load(model)
+    gguf_writer.hf_to_gguf_names(m)  # an unsupported architecture fails before calibration
+    imat = prequantized = None
+    if gptq and info.get("checkpoint"):
+        raise LowbitError(f"--gptq quantizes a float model, and {model} is a lowbit checkpoint (already quantized)")
+    if gptq:
+        from ..export.gguf_gptq import gptq_gguf
+
+        _, windows = api.prepare_windows(tok, Protocol(), calib=calib)
+        types = gguf_writer.plan_types(m, p.name, imatrix=True)
+        prequantized = gptq_gguf(m, windows, types, progress=api.progress_bar("GPTQ")).raw
+    if imatrix:
+        from ..calibration.imatrix import collect_imatrix
+
+        _, windows = api.prepare_windows(tok, Protocol(), calib=calib)
+        imat = collect_imatrix(m, windows, progress=api.progress_bar("imatrix"))
+        if save_imatrix is not None:
+            from ..calibration.imatrix import save_imatrix as write_imatrix
+
+            names = gguf_writer.hf_to_gguf_names(m)
+            by_gguf = {names[f"{k}.weight"]: v.numpy() for k, v in imat.items() if f"{k}.weight" in names}
+            write_imatrix(save_imatrix, by_gguf, n_tokens=windows.numel(), chunk_size=windows.shape[1], dataset=calib or "wikipedia")
+    result = gguf_writer.export_gguf(
+        m, tok, output, p.name, imatrix=imat, source=info["source"], progress=api.progress_bar(f"quantize {p.name}"),
+        prequantized=prequantized,
+    )
+    counts = ", ".join(f"{n} {t}" for t, n in sorted(result.type_counts.items(), key=lambda kv: -kv[1]))
+    note = " (dequantized lowbit checkpoint)" if info.get("checkpoint") else ""
+    out.print(
+        f"wrote {output}{note}: {p.name}{' + imatrix' if imat is not None else ''}{' + GPTQ' if gptq else ''}, {result.file_bytes:,} bytes, "
+        f"{result.bits_per_weight:.3f} bits per weight, tensors: {counts}; {time.perf_counter() - start:.1f} s",
+        highlight=False,
+        soft_wrap=True,
+    )
