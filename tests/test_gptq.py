@@ -143,3 +143,22 @@ def test_gptq_in_the_runner(tiny):
         assert r["output_rel_error"] < r["rtn_output_rel_error"], r["layer"]
     with pytest.raises(LowbitError, match="damp_percent"):
         lowbit.make_algorithm(QuantConfig(method="gptq", options={"damp_percent": 2.0}))
+
+
+def test_act_order_checkpoint_and_gptq_export(tiny_dir, tmp_path):
+    """A permuted g_idx survives the lowbit checkpoint exactly and is written as desc_act."""
+    import json
+
+    from lowbit.export.gptq import export_gptq
+
+    model, tok, info = lowbit.load(str(tiny_dir))
+    windows = calib(len(tok), n=8, length=48)
+    report = lowbit.quantize(model, QuantConfig(method="gptq", weight=WeightSpec(bits=4, group_size=32, symmetric=False)), windows, progress=False)
+    layers = quant_layers(model)
+    assert any(not m.quantized_weight().has_trivial_g_idx() for m in layers.values())
+    out = lowbit.save(model, tok, tmp_path / "ckpt", report, source=info["source"])
+    again, _, _ = lowbit.load(str(out))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=windows[:2]).logits, again(input_ids=windows[:2]).logits)
+    g = export_gptq(again, tok, tmp_path / "gptq", "gptq_v2")
+    assert json.loads((g / "config.json").read_text())["quantization_config"]["desc_act"] is True

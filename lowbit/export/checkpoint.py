@@ -124,7 +124,10 @@ def save_checkpoint(
     }
     with atomic_path(out_dir, is_dir=True) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
-        save_file(checkpoint_tensors(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt", FORMAT_NAME: str(FORMAT_VERSION)})
+        # One metadata key only: safetensors writes metadata from a hash map, so two keys
+        # come out in a random order and the same checkpoint would differ byte-wise.
+        # The format and its version live in the JSON config.
+        save_file(checkpoint_tensors(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
