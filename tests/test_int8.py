@@ -3,6 +3,7 @@ switching) and LLM.int8() (outlier decomposition, runner, checkpoint)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -168,3 +169,46 @@ def test_llm_int8_in_the_runner_and_checkpoint(tiny_dir, tmp_path):
     assert info2["checkpoint"]["quantization"]["method"] == "llm-int8"
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, ref)
+
+
+def test_eval_cli_runs_a_checkpoint_on_the_int8_kernel(tiny_dir, tmp_path, cache):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from tests.conftest import EXCERPT
+
+    model, tok, info = lowbit.load(str(tiny_dir))
+    cfg = QuantConfig(weight=WeightSpec(bits=8, group_size=None), act=ActSpec())
+    report = lowbit.quantize(model, cfg, progress=False)
+    ckpt = lowbit.save(model, tok, tmp_path / "ckpt", report, source=info["source"])
+    args = ["eval", str(ckpt), "--data", str(EXCERPT), "--windows", "2", "--seq-len", "64", "--no-reference", "-q"]
+    ppl = {}
+    for kernel in ("reference", "int8"):
+        r = CliRunner().invoke(app, [*args, "--kernel", kernel, "--json", str(tmp_path / f"{kernel}.json")])
+        assert r.exit_code == 0, r.output
+        res = json.loads((tmp_path / f"{kernel}.json").read_text())
+        assert res["kernel"] == kernel
+        ppl[kernel] = res["result"]["ppl"]
+    assert ppl["int8"] == pytest.approx(ppl["reference"], rel=1e-3)
+    r = CliRunner().invoke(app, [*args, "--kernel", "fp8"])
+    assert r.exit_code == 2 and "unknown kernel" in r.stderr
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 576, 64), (5, 22, 70), (17, 8, 8), (64, 150, 96)])
+def test_int_mm_is_exact_for_any_shape(m, k, n):
+    from lowbit.nn.int8 import int_mm
+
+    g = torch.Generator().manual_seed(m + k + n)
+    a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8).t()  # a transposed view, as the kernel passes it
+    got = int_mm(a, b)
+    assert got.dtype == torch.int32 and torch.equal(got.long(), a.long() @ b.long())
+
+
+def test_one_token_runs_on_the_int8_kernel():
+    m = layer(WeightSpec(bits=8, group_size=None), ActSpec())
+    x = inputs()[:1, :1]  # [1, 1, in]: what generation feeds a layer
+    ref = m(x)
+    with use_kernel(m, "int8"):
+        got = m(x)
+    assert got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

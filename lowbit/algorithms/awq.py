@@ -10,8 +10,10 @@ operation -> the Linears reading its output, ``arch.scaling_pairs``):
 1. scale search: s = mean|x|^alpha per input channel (over all calibration tokens),
    normalized so that max(s) * min(s) = 1, for alpha on a grid of ``n_grid`` points in
    [0, 1); keep the alpha with the least output error of the pair's layers,
-   sum ||X W^T - (X/s) Q(W s)^T||^2 under round-to-nearest Q. alpha = 0 is plain RTN, so
-   the search never does worse than RTN on this loss.
+   sum ||X W^T - (X/s) Q(W s)^T||^2 under round-to-nearest Q; no scaling when no alpha
+   beats plain RTN, so the search never does worse than RTN on this loss. Option
+   ``duo=true``: s = mean|x|^alpha / w_mean^(1-alpha) instead, w_mean the mean of each
+   input column's |w| relative to its group's max (``weight_group_mean``).
 2. fold s into the previous operation and the layers (exact in float).
 3. clipping search, per layer and per (row, group): the group's range shrunk by a ratio
    from a grid of ``clip_grid`` points in (1 - max_shrink, 1], keeping the ratio with the
@@ -42,7 +44,7 @@ from ..formats.weights import QuantizedWeight, default_g_idx, grid_of, group_ran
 from ..models.arch import scaling_pairs
 from ..runner import BlockContext
 from .base import Algorithm, register
-from .smoothing import capture, checked_folding, fold_scales
+from .smoothing import capture, checked_folding, fold_scales, full_precision
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +55,36 @@ ZERO_FLOOR = 1e-5
 NO_CLIP = ("q_proj", "k_proj")
 
 
-def awq_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
-    """s = mean|x|^alpha, normalized to max(s) * min(s) = 1 (all ones when alpha = 0 or
-    the inputs are all zero)."""
+def awq_scales(mean_abs: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """s = mean|x|^alpha (or, with ``w_mean``, mean|x|^alpha / w_mean^(1 - alpha): "duo"
+    scaling, which also shrinks columns whose weights are large within their groups),
+    normalized to max(s) * min(s) = 1. All ones when alpha = 0 without w_mean, or when the
+    inputs are all zero."""
     m = mean_abs.detach().float()
     top = float(m.max()) if m.numel() else 0.0
-    if not top > 0 or alpha == 0:
+    if not top > 0 or (alpha == 0 and w_mean is None):
         return torch.ones_like(m)
     s = m.clamp_min(top * ZERO_FLOOR).pow(alpha)
+    if w_mean is not None:
+        w = w_mean.detach().float()
+        wtop = float(w.max())
+        if not wtop > 0:
+            return torch.ones_like(m)
+        s = s / w.clamp_min(wtop * ZERO_FLOOR).pow(1 - alpha)
     return s / (s.max() * s.min()).sqrt()
+
+
+def weight_group_mean(weights: list[torch.Tensor], specs: list[WeightSpec]) -> torch.Tensor:
+    """Per input column, the mean over all rows of the layers of |w| / max |w| of its
+    (row, group): where a column's weights sit within their groups' ranges."""
+    rows = []
+    for W, spec in zip(weights, specs):
+        a = W.detach().float().abs()
+        g_idx = default_g_idx(a.shape[1], spec.group_size).long()
+        G = int(g_idx.max()) + 1
+        gmax = torch.zeros(a.shape[0], G).scatter_reduce_(1, g_idx.expand_as(a), a, "amax")
+        rows.append(a / gmax[:, g_idx].clamp_min(torch.finfo(torch.float32).tiny))
+    return torch.cat(rows).mean(0)
 
 
 def output_sq_error(D: torch.Tensor, H: torch.Tensor) -> float:
@@ -79,22 +102,31 @@ def rtn_dequant(W: torch.Tensor, spec: WeightSpec, s: torch.Tensor | None = None
 @dataclass
 class ScaleSearch:
     s: torch.Tensor
-    alpha: float
+    alpha: float | None  # None: no scaling (plain RTN) was best
     errors: list[float]  # squared output error for each alpha of the grid
+    rtn_error: float
 
 
-def search_scale(weights: list[torch.Tensor], specs: list[WeightSpec], H: torch.Tensor, mean_abs: torch.Tensor, n_grid: int = 20) -> ScaleSearch:
+def search_scale(
+    weights: list[torch.Tensor], specs: list[WeightSpec], H: torch.Tensor, mean_abs: torch.Tensor, n_grid: int = 20, duo: bool = False
+) -> ScaleSearch:
     """AWQ's scale search for layers that read one input (pure function): the alpha in
-    {0, 1/n_grid, ..., (n_grid-1)/n_grid} whose s = awq_scales(mean_abs, alpha) gives the
-    least summed output error of the layers under RTN."""
+    {0, 1/n_grid, ..., (n_grid-1)/n_grid} whose s = awq_scales(mean_abs, alpha[, w_mean])
+    gives the least summed output error of the layers under RTN; no scaling at all when
+    none beats plain RTN (without duo scaling alpha = 0 is plain RTN itself)."""
     Ws = [w.detach().float() for w in weights]
-    errors = []
-    for i in range(n_grid):
-        s = awq_scales(mean_abs, i / n_grid)
+    w_mean = weight_group_mean(Ws, specs) if duo else None
+
+    def error(s: torch.Tensor | None) -> float:
         D = torch.cat([W - rtn_dequant(W, sp, s) for W, sp in zip(Ws, specs)])
-        errors.append(output_sq_error(D, H))
+        return output_sq_error(D, H)
+
+    rtn = error(None)
+    errors = [error(awq_scales(mean_abs, i / n_grid, w_mean)) for i in range(n_grid)]
     best = min(range(n_grid), key=lambda i: (errors[i], i))
-    return ScaleSearch(awq_scales(mean_abs, best / n_grid), best / n_grid, errors)
+    if not errors[best] < rtn:
+        return ScaleSearch(torch.ones_like(mean_abs, dtype=torch.float32), None, errors, rtn)
+    return ScaleSearch(awq_scales(mean_abs, best / n_grid, w_mean), best / n_grid, errors, rtn)
 
 
 def group_blocks(H: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -158,6 +190,7 @@ def rel_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> f
 @dataclass(frozen=True)
 class AWQOptions:
     n_grid: int = 20  # alphas i / n_grid, i = 0 .. n_grid - 1
+    duo: bool = False  # s = mean|x|^a / w_mean^(1-a) instead of mean|x|^a (see awq_scales)
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5
@@ -212,10 +245,18 @@ class AWQ(Algorithm):
         def observe(name: str, x: torch.Tensor) -> None:
             mean_abs[name] = x.abs().float().mean(0)
             xs = (x if sample is None else x[sample]).float()
-            gram[name] = (xs.t() @ xs) / xs.shape[0]
+            with full_precision():
+                gram[name] = (xs.t() @ xs) / xs.shape[0]
 
         capture(ctx, sorted({leader[n] for n in linears}), observe)
         H = {n: gram[leader[n]] for n in linears}
+        # the searches compare output errors that differ by a few percent between candidates:
+        # float32 products throughout, whatever precision the calibration forwards use
+        with full_precision():
+            self._search(ctx, linears, specs, targets, leader, mean_abs, H)
+
+    def _search(self, ctx: BlockContext, linears: dict, specs: dict, targets: list[str], leader: dict, mean_abs: dict, H: dict) -> None:
+        o = self.options
         for n in targets:
             W = linears[n].weight.detach().float()
             self._records[ctx.full_name(n)] = {"rtn_output_rel_error": rel_output_error(W, rtn_dequant(W, specs[n]), H[n])}
@@ -229,10 +270,10 @@ class AWQ(Algorithm):
                 scored = [n for n in names if specs[n] is not None]
                 if not scored:
                     continue
-                res = search_scale([linears[n].weight for n in scored], [specs[n] for n in scored], H[names[0]], mean_abs[leader[names[0]]], o.n_grid)
+                res = search_scale([linears[n].weight for n in scored], [specs[n] for n in scored], H[names[0]], mean_abs[leader[names[0]]], o.n_grid, o.duo)
                 for n in scored:
                     self._records[ctx.full_name(n)]["awq_alpha"] = res.alpha
-                if res.alpha == 0:
+                if res.alpha is None or bool((res.s == 1).all()):
                     continue
                 fold_scales(ctx.block, prev, names, res.s, ctx.prefix + ".")
                 for n in names:

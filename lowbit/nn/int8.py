@@ -109,6 +109,26 @@ def quantize_act_int8(
     return q, z.to(torch.int32), s
 
 
+def _ceil8(n: int) -> int:
+    return n + (-n) % 8
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [m, k] int8 times b [k, n] int8 -> int32 [m, n], exact. ``torch._int_mm`` takes
+    only m > 16 and k, n multiples of 8; other shapes (a few tokens, a ragged last group,
+    odd widths) are zero-padded to ones it takes: zero codes add nothing to the sums."""
+    m, k = a.shape
+    n = b.shape[1]
+    if m > 16 and m % 8 == 0 and k % 8 == 0 and n % 8 == 0:
+        return torch._int_mm(a, b)
+    pm, pk, pn = max(24, _ceil8(m)), _ceil8(k), _ceil8(n)
+    ap = torch.zeros(pm, pk, dtype=torch.int8)
+    ap[:m, :k] = a
+    bp = torch.zeros(pk, pn, dtype=torch.int8)
+    bp[:k, :n] = b
+    return torch._int_mm(ap, bp)[:m, :n]
+
+
 def int_accumulate(a: torch.Tensor, a_zero: torch.Tensor, w: Int8Weight) -> list[torch.Tensor]:
     """Per weight group g, the exact integer sum_{j in g} (a - za)(q - z) as [tokens, out]
     (int32, or int64 where int32 could overflow), from one int8 product per group."""
@@ -117,7 +137,7 @@ def int_accumulate(a: torch.Tensor, a_zero: torch.Tensor, w: Int8Weight) -> list
     out = []
     for g, (lo, hi) in enumerate(w.bounds):
         ag = a if len(w.bounds) == 1 else a[:, lo:hi]
-        acc = torch._int_mm(ag, w.codes[:, lo:hi].t())
+        acc = int_mm(ag, w.codes[:, lo:hi].t())
         if hi - lo > _INT32_CORRECTION_COLUMNS:
             acc = acc.long()
         if has_za:
