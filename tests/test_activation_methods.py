@@ -99,7 +99,7 @@ def test_zeroquant_distillation_beats_no_distillation(tiny_dir):
         model, tok, _ = lowbit.load(str(tiny_dir))
         with torch.no_grad():
             fp = model(input_ids=ids).logits
-        report = lowbit.quantize(model, QuantConfig(method="zeroquant", options={"lkd_steps": steps, "lkd_lr": 1e-3}, **w4a8), windows, progress=False)
+        report = lowbit.quantize(model, QuantConfig(method="zeroquant", options={"lkd_steps": steps}, **w4a8), windows, progress=False)
         with torch.no_grad():
             errs[steps] = rel_err(model(input_ids=ids).logits, fp)
         assert len(quant_layers(model)) == 14

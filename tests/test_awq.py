@@ -286,13 +286,13 @@ def test_awq_model_loads_in_transformers_as_compressed_tensors(wide_dir, tmp_pat
     model, tok = awq_model(wide_dir)
     out = export_compressed_tensors(model, tok, tmp_path / "ct")
     # asymmetric pack-quantized loads through dequantize=True (see the exporter's notes),
-    # which dequantizes in the scale dtype: float16 scales, so exact
+    # which dequantizes in the scale dtype: lowbit's weights rounded to float16
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
     for name, m in quant_layers(model).items():
-        assert torch.equal(hf.get_submodule(name).weight, m.dequantized_weight()), name
+        assert torch.equal(hf.get_submodule(name).weight, m.dequantized_weight().half().float()), name
     ids = calib(len(tok), n=1, length=24)
     with torch.no_grad():
-        torch.testing.assert_close(hf(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(hf(input_ids=ids).logits, model(input_ids=ids).logits, atol=2e-3, rtol=0)
 
 
 @needs_gptqmodel
