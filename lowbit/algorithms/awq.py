@@ -22,6 +22,11 @@ operation -> the Linears reading its output, ``arch.scaling_pairs``):
    error does not see (the AWQ authors skip them for that reason).
 4. the runner's pass quantizes every layer round-to-nearest with those ranges (W4, W3...).
 
+The statistics come from one extra forward of the block over ``stat_windows`` (8) of the
+calibration windows, spread over the set: 4096 tokens for SmolLM2's 512-token windows,
+as many as the Gram matrices sample anyway. The runner's own pass then quantizes on all
+windows and hands the quantized block's output on.
+
 Output errors come from the Gram matrix H = X^T X of a token sample (``max_tokens``):
 ||X D^T||^2 = tr(D H D^T), one [out, in] x [in, in] product per candidate whatever the
 number of tokens; the clipping search needs only H's diagonal blocks, one per group.
@@ -44,7 +49,7 @@ from ..formats.weights import QuantizedWeight, default_g_idx, grid_of, group_ran
 from ..models.arch import scaling_pairs
 from ..runner import BlockContext
 from .base import Algorithm, register
-from .smoothing import capture, checked_folding, fold_scales, full_precision
+from .smoothing import capture, checked_folding, fold_scales, full_precision, spread_windows
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +97,27 @@ def output_sq_error(D: torch.Tensor, H: torch.Tensor) -> float:
     return float(((D @ H) * D).sum())
 
 
+def fake_quant_minmax(W: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """quantize_weight(W, spec).dequantize() for min-max ranges and groups that divide the
+    width, computed on the [out, groups, group_size] view without building codes: the
+    searches call it 20 times per layer, where the general path's index gathers dominate."""
+    out, n = W.shape
+    gs = spec.group_size or n
+    g = W.float().reshape(out, n // gs, gs)
+    grid = grid_of(spec)
+    scale, zero = qparams_from_range(g.amin(-1), g.amax(-1), grid, torch_dtype(spec.scale_dtype))
+    sc, z = scale.float().unsqueeze(-1), zero.unsqueeze(-1)
+    return ((torch.clamp(torch.round(g / sc) + z, grid.qmin, grid.qmax) - z) * sc).reshape(out, n)
+
+
 def rtn_dequant(W: torch.Tensor, spec: WeightSpec, s: torch.Tensor | None = None) -> torch.Tensor:
     """Round-to-nearest of W (of W diag(s) when s is given, mapped back by 1/s)."""
-    if s is None:
-        return quantize_weight(W, spec).dequantize()
-    return quantize_weight(W * s, spec).dequantize() / s
+    Ws = W if s is None else W * s
+    if spec.observer == "minmax" and (spec.group_size is None or W.shape[1] % spec.group_size == 0):
+        Q = fake_quant_minmax(Ws, spec)
+    else:
+        Q = quantize_weight(Ws, spec).dequantize()
+    return Q if s is None else Q / s
 
 
 @dataclass
@@ -122,7 +143,8 @@ def search_scale(
         return output_sq_error(D, H)
 
     rtn = error(None)
-    errors = [error(awq_scales(mean_abs, i / n_grid, w_mean)) for i in range(n_grid)]
+    # without duo scaling alpha = 0 is the identity: its error is RTN's
+    errors = [rtn if i == 0 and not duo else error(awq_scales(mean_abs, i / n_grid, w_mean)) for i in range(n_grid)]
     best = min(range(n_grid), key=lambda i: (errors[i], i))
     if not errors[best] < rtn:
         return ScaleSearch(torch.ones_like(mean_abs, dtype=torch.float32), None, errors, rtn)
@@ -182,8 +204,9 @@ def search_clip(W: torch.Tensor, H: torch.Tensor, spec: WeightSpec, n_grid: int 
     return ClipSearch(best_scale, best_zero, best_ratio)
 
 
-def rel_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
-    den = output_sq_error(W.float(), H)
+def rel_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, den: float | None = None) -> float:
+    """||X (W - W_hat)^T|| / ||X W^T|| (``den``: ||X W^T||^2 when already known)."""
+    den = output_sq_error(W.float(), H) if den is None else den
     return math.sqrt(max(output_sq_error(W.float() - W_hat.float(), H), 0.0) / den) if den > 0 else 0.0
 
 
@@ -195,6 +218,7 @@ class AWQOptions:
     clip_grid: int = 20
     max_shrink: float = 0.5
     max_tokens: int = 4096  # calibration tokens sampled for the Gram matrices (0: all)
+    stat_windows: int = 8  # calibration windows the statistics pass runs on (0: all)
 
     def __post_init__(self) -> None:
         for k in ("n_grid", "clip_grid"):
@@ -203,8 +227,10 @@ class AWQOptions:
                 raise LowbitError(f"{k} must be a positive integer, got {v!r}")
         if not 0 <= self.max_shrink < 1:
             raise LowbitError(f"max_shrink must be in [0, 1), got {self.max_shrink!r}")
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 0:
-            raise LowbitError(f"max_tokens must be a non-negative integer, got {self.max_tokens!r}")
+        for k in ("max_tokens", "stat_windows"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise LowbitError(f"{k} must be a non-negative integer, got {v!r}")
 
 
 def token_sample(n_tokens: int, max_tokens: int, seed: int) -> torch.Tensor | None:
@@ -238,7 +264,11 @@ class AWQ(Algorithm):
             return
         groups = ctx.groups()
         leader = {n: g[0] for g in groups for n in g}
-        sample = token_sample(ctx.inputs.n_tokens, o.max_tokens, self.config.seed + ctx.index)
+        # the statistics (mean |x|, Gram matrices) come from a forward over a spread subset
+        # of the windows: a second full pass per block would cost as much as the runner's
+        windows = spread_windows(ctx.inputs.hidden.shape[0], o.stat_windows)
+        n_tokens = ctx.inputs.n_tokens if windows is None else len(windows) * ctx.inputs.hidden.shape[1]
+        sample = token_sample(n_tokens, o.max_tokens, self.config.seed + ctx.index)
         mean_abs: dict[str, torch.Tensor] = {}
         gram: dict[str, torch.Tensor] = {}
 
@@ -248,7 +278,7 @@ class AWQ(Algorithm):
             with full_precision():
                 gram[name] = (xs.t() @ xs) / xs.shape[0]
 
-        capture(ctx, sorted({leader[n] for n in linears}), observe)
+        capture(ctx, sorted({leader[n] for n in linears}), observe, windows)
         H = {n: gram[leader[n]] for n in linears}
         # the searches compare output errors that differ by a few percent between candidates:
         # float32 products throughout, whatever precision the calibration forwards use
@@ -257,9 +287,11 @@ class AWQ(Algorithm):
 
     def _search(self, ctx: BlockContext, linears: dict, specs: dict, targets: list[str], leader: dict, mean_abs: dict, H: dict) -> None:
         o = self.options
+        out_sq: dict[str, float] = {}
         for n in targets:
             W = linears[n].weight.detach().float()
-            self._records[ctx.full_name(n)] = {"rtn_output_rel_error": rel_output_error(W, rtn_dequant(W, specs[n]), H[n])}
+            out_sq[n] = output_sq_error(W, H[n])  # unchanged by the scalings (they keep the function)
+            self._records[ctx.full_name(n)] = {"rtn_output_rel_error": rel_output_error(W, rtn_dequant(W, specs[n]), H[n], out_sq[n])}
 
         col_scale: dict[str, torch.Tensor] = {}
         with checked_folding(ctx, "AWQ scaling") as check:
@@ -297,7 +329,7 @@ class AWQ(Algorithm):
                 W_hat = rtn_dequant(W, specs[n])
             # in the layer's own (scaled) input domain: for layers whose inputs alone were
             # scaled, the same number as in the original domain
-            rec["output_rel_error"] = rel_output_error(W, W_hat, Hn)
+            rec["output_rel_error"] = rel_output_error(W, W_hat, Hn, out_sq[n])
 
     def solve(self, name: str, module: nn.Module, spec: WeightSpec, stats: Any) -> QuantizedWeight:
         found = self._qparams.pop(name, None)

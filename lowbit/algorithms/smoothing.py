@@ -85,10 +85,18 @@ def fold_scales(block: nn.Module, prev: str, linears: list[str], s: torch.Tensor
         lin.weight.mul_(s.to(lin.weight.dtype))
 
 
-def capture(ctx: BlockContext, names: list[str], fn) -> None:
+def spread_windows(n: int, k: int) -> torch.Tensor | None:
+    """Indices of k of n calibration windows spread evenly over them (None: all, k = 0 or k >= n)."""
+    if k == 0 or k >= n:
+        return None
+    return torch.linspace(0, n - 1, k).round().long()
+
+
+def capture(ctx: BlockContext, names: list[str], fn, windows: torch.Tensor | None = None) -> None:
     """One forward of the block with ``fn(name, x)`` called on the input x [tokens, in] of
-    each named Linear (the layers keep their inputs unchanged). Inputs with NaN/inf are a
-    LowbitError naming the layer."""
+    each named Linear (the layers keep their inputs unchanged), on the calibration windows
+    of index ``windows`` (default: all; every window shares the block's other inputs, as the
+    runner's equal-length windows do). Inputs with NaN/inf are a LowbitError naming the layer."""
 
     def make(name: str):
         def hook(_mod, args):
@@ -100,7 +108,8 @@ def capture(ctx: BlockContext, names: list[str], fn) -> None:
 
         return hook
 
-    ctx.forward_with_hooks({n: make(n) for n in names})
+    hidden = None if windows is None else ctx.inputs.hidden[windows]
+    ctx.forward_with_hooks({n: make(n) for n in names}, hidden)
 
 
 
