@@ -18,7 +18,9 @@ per token as its ActSpec says.
 Smoothed inputs are those of q/k/v (from input_layernorm) and gate/up (from
 post_attention_layernorm), as in the paper; ``fold_linear=true`` also smooths the inputs
 of down_proj (into up_proj) and o_proj (into v_proj, where shapes allow), which the paper
-does not do.
+does not do; on SmolLM2, whose largest activations are down_proj's inputs, it is what makes
+static per-tensor W8A8 work (BENCHMARKS.md). max|X_j| is taken over ``stat_windows``
+calibration windows spread over the set (8: 4096 tokens of 512-token windows).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ..formats.weights import QuantizedWeight, quantize_weight
 from ..models.arch import is_linear, scaling_pairs
 from ..runner import BlockContext
 from .base import Algorithm, register
-from .smoothing import capture, checked_folding, fold_scales
+from .smoothing import capture, checked_folding, fold_scales, spread_windows
 
 
 def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -59,11 +61,15 @@ def weight_absmax(weights: list[torch.Tensor]) -> torch.Tensor:
 class SmoothQuantOptions:
     alpha: float = 0.5
     fold_linear: bool = False
+    stat_windows: int = 8  # calibration windows max|X| is taken over (spread; 0: all)
 
     def __post_init__(self) -> None:
         a = self.alpha
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1:
             raise LowbitError(f"alpha (migration strength) must be in [0, 1], got {a!r}")
+        v = self.stat_windows
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise LowbitError(f"stat_windows must be a non-negative integer, got {v!r}")
 
 
 @register
@@ -87,7 +93,10 @@ class SmoothQuant(Algorithm):
         if not pairs:
             return
         act_max: dict[str, torch.Tensor] = {}
-        capture(ctx, [ls[0] for _, ls in pairs], lambda name, x: act_max.__setitem__(name, x.abs().amax(0).float()))
+        # max|X_j| from a spread subset of the windows: a full extra pass per block would cost
+        # as much as the runner's own (which still calibrates the static scales on all of them)
+        windows = spread_windows(ctx.inputs.hidden.shape[0], self.options.stat_windows)
+        capture(ctx, [ls[0] for _, ls in pairs], lambda name, x: act_max.__setitem__(name, x.abs().amax(0).float()), windows)
         linears = ctx.linears()
         with checked_folding(ctx, "SmoothQuant smoothing"):
             for prev, names in pairs:
