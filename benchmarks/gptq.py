@@ -30,13 +30,20 @@ from rtn import write_section  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "gptq.json"
 PEER_VENV = Path(os.environ.get("PEER_VENV", Path.home() / ".cache" / "lowbit-peers" / "llmcompressor"))
 
-# name -> (bits, group size, symmetric, lowbit GPTQ options, compare with llm-compressor)
+# name -> (bits, group size, symmetric, scale observer, compare with llm-compressor).
+# "minmax" is both tools' default; "mse" is the optional per-group clipping search.
+# DEAD_INPUT settings run on the model with a dead input channel in every block (see run_lowbit).
 SETTINGS = {
-    "w4g64-asym": (4, 64, False, True),
-    "w4g64-sym": (4, 64, True, True),
-    "w3g64-asym": (3, 64, False, False),
-    "w2g64-asym": (2, 64, False, False),
+    "w4g64-asym": (4, 64, False, "minmax", True),
+    "w4g64-sym": (4, 64, True, "minmax", True),
+    "w4g64-asym-mse": (4, 64, False, "mse", False),
+    "w3g64-asym": (3, 64, False, "minmax", False),
+    "w3g64-asym-mse": (3, 64, False, "mse", False),
+    "w2g64-asym": (2, 64, False, "minmax", False),
+    "w2g64-asym-mse": (2, 64, False, "mse", False),
+    "w4g64-asym-dead-input": (4, 64, False, "minmax", False),
 }
+DEAD_INPUT = {"w4g64-asym-dead-input"}
 # lowbit's GPTQ as benchmarked: its defaults (act-order, groups along the solve order) and
 # bf16-input calibration matmuls; llm-compressor with its default actorder ("static").
 LOWBIT_OPTIONS: dict = {}
@@ -44,8 +51,13 @@ PEER_ACTORDER = "static"
 CALIB_PRECISION = "bf16"
 
 
-def run_lowbit(method: str, bits: int, group: int, sym: bool, windows: Path) -> dict:
-    """Quantize in this process (called as a subprocess of main) and evaluate."""
+DEAD_CHANNEL = 7  # the dead-input check zeroes this channel of every block's input norm
+
+
+def run_lowbit(method: str, bits: int, group: int, sym: bool, observer: str, windows: Path, dead: bool = False) -> dict:
+    """Quantize in this process (called as a subprocess of main) and evaluate. dead=True
+    first zeroes one channel of every block's input RMSNorm weight, so q/k/v never see that
+    input and their Hessian has a zero row and column (not positive definite)."""
     import torch
 
     import lowbit
@@ -53,12 +65,16 @@ def run_lowbit(method: str, bits: int, group: int, sym: bool, windows: Path) -> 
 
     protocol = lowbit.Protocol()
     model, tok, info = lowbit.load("smollm2-135m")
+    if dead:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.input_layernorm.weight[DEAD_CHANNEL] = 0.0
     evals = torch.from_numpy(__import__("numpy").load(windows / "eval.npy"))
     calib = torch.from_numpy(__import__("numpy").load(windows / "calib.npy"))
     ref, fp = lowbit.reference_for(model, info["source"]["fingerprint"], evals, protocol, progress=False)
     config = QuantConfig(
         method=method,
-        weight=WeightSpec(bits=bits, group_size=group, symmetric=sym),
+        weight=WeightSpec(bits=bits, group_size=group, symmetric=sym, observer=observer),
         options=LOWBIT_OPTIONS if method == "gptq" else {},
         calib_precision=CALIB_PRECISION,
     )
@@ -77,6 +93,7 @@ def run_lowbit(method: str, bits: int, group: int, sym: bool, windows: Path) -> 
         "fp32_ppl": fp.ppl,
         "mean_output_rel_error": sum(out_err) / len(out_err) if out_err else None,
         "mean_rtn_output_rel_error": sum(rtn_err) / len(rtn_err) if rtn_err else None,
+        "layers_with_dead_inputs": sum(1 for x in report.layers if x.get("dead_inputs")),
         "config": config.to_dict(),
     }
 
@@ -94,8 +111,8 @@ def run_peer(bits: int, group: int, sym: bool, windows: Path, model_dir: Path, o
     return {"tool": "llm-compressor gptq", **res}
 
 
-def lowbit_subprocess(method: str, bits: int, group: int, sym: bool, windows: Path) -> dict:
-    cmd = [sys.executable, __file__, "--one", method, str(bits), str(group), str(int(sym)), str(windows)]
+def lowbit_subprocess(method: str, bits: int, group: int, sym: bool, observer: str, windows: Path, dead: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--one", method, str(bits), str(group), str(int(sym)), observer, str(windows), str(int(dead))]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if res.returncode:
         sys.exit(f"lowbit {method} failed:\n{res.stderr[-3000:]}")
@@ -109,34 +126,50 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"calibration matmuls {meta['calib_precision']}; llm-compressor {meta['peer_version']} with actorder={meta['peer_actorder']}, "
         "block 128, damping 0.01, in its own venv. Time: the quantization call alone.",
         "",
-        "| setting | RTN ppl | lowbit GPTQ ppl | llm-compressor GPTQ ppl | lowbit s | llm-compressor s | time ratio | RTN gap closed |",
+        "| setting | RTN ppl | lowbit GPTQ ppl (KL) | llm-compressor GPTQ ppl | lowbit s | llm-compressor s | time ratio | RTN gap closed |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    lines_after = [
+        "",
+        "Settings ending in `-mse` use `--observer mse` (the per-group clipping search) for RTN and GPTQ alike; "
+        "the others min-max, llm-compressor's default. KL: mean KL divergence from the fp32 model, nats.",
+    ]
+    dead_rows = [r for r in rows if r["setting"] in DEAD_INPUT]
+    rows = [r for r in rows if r["setting"] not in DEAD_INPUT]
     for r in rows:
         fp = r["lowbit"]["fp32_ppl"]
         gap = (r["rtn"]["ppl"] - r["lowbit"]["ppl"]) / (r["rtn"]["ppl"] - fp) if r["rtn"]["ppl"] > fp else float("nan")
         peer = r.get("peer")
         lines.append(
-            f"| {r['setting']} | {r['rtn']['ppl']:.2f} | {r['lowbit']['ppl']:.2f} | "
+            f"| {r['setting']} | {r['rtn']['ppl']:.2f} | {r['lowbit']['ppl']:.2f} ({r['lowbit']['kl']:.3f}) | "
             f"{peer['ppl']:.2f} | {r['lowbit']['quantize_seconds']:.1f} | {peer['quantize_seconds']:.1f} | "
             f"{r['lowbit']['quantize_seconds'] / peer['quantize_seconds']:.2f} | {100 * gap:.0f}% |"
             if peer
-            else f"| {r['setting']} | {r['rtn']['ppl']:.2f} | {r['lowbit']['ppl']:.2f} | - | "
+            else f"| {r['setting']} | {r['rtn']['ppl']:.2f} | {r['lowbit']['ppl']:.2f} ({r['lowbit']['kl']:.3f}) | - | "
             f"{r['lowbit']['quantize_seconds']:.1f} | - | - | {100 * gap:.0f}% |"
         )
+    lines += lines_after
+    for r in dead_rows:
+        lines += [
+            "",
+            f"Dead input channel ({r['setting']}): channel {DEAD_CHANNEL} of every block's input RMSNorm weight set to 0, "
+            f"so q/k/v never see that input and their Hessian is singular (a zero row and column). "
+            f"GPTQ finished with {r['lowbit']['layers_with_dead_inputs']} layers reporting a dead input: "
+            f"perplexity {r['lowbit']['ppl']:.2f} (KL {r['lowbit']['kl']:.3f}) against RTN's {r['rtn']['ppl']:.2f} on the same modified model.",
+        ]
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs=7, help=argparse.SUPPRESS)
     ap.add_argument("--only", nargs="*", help="settings: " + ", ".join(SETTINGS))
     ap.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
     ap.add_argument("--markdown", action="store_true", help="update BENCHMARKS.md")
     args = ap.parse_args()
     if args.one:
-        method, bits, group, sym, windows = args.one
-        print(json.dumps(run_lowbit(method, int(bits), int(group), bool(int(sym)), Path(windows))))
+        method, bits, group, sym, observer, windows, dead = args.one
+        print(json.dumps(run_lowbit(method, int(bits), int(group), bool(int(sym)), observer, Path(windows), bool(int(dead)))))
         return
 
     import numpy as np
@@ -152,10 +185,11 @@ def main() -> None:
     model_dir = float32_folder("smollm2-135m")
     rows = []
     for name in args.only or SETTINGS:
-        bits, group, sym, with_peer = SETTINGS[name]
+        bits, group, sym, observer, with_peer = SETTINGS[name]
         row = {"setting": name}
-        row["rtn"] = lowbit_subprocess("rtn", bits, group, sym, work)
-        row["lowbit"] = lowbit_subprocess("gptq", bits, group, sym, work)
+        dead = name in DEAD_INPUT
+        row["rtn"] = lowbit_subprocess("rtn", bits, group, sym, observer, work, dead)
+        row["lowbit"] = lowbit_subprocess("gptq", bits, group, sym, observer, work, dead)
         if with_peer and not args.no_peer:
             row["peer"] = run_peer(bits, group, sym, work, model_dir, work / f"peer-{name}.json")
         rows.append(row)
@@ -172,6 +206,10 @@ def main() -> None:
         "peer_actorder": PEER_ACTORDER,
         "peer_version": next((r["peer"]["versions"]["llmcompressor"] for r in rows if "peer" in r), "-"),
     }
+    if args.only and RESULTS.exists():  # a partial rerun keeps the other settings' last rows
+        fresh = {r["setting"] for r in rows}
+        old = [r for r in json.loads(RESULTS.read_text())["rows"] if r["setting"] not in fresh]
+        rows = sorted(old + rows, key=lambda r: list(SETTINGS).index(r["setting"]))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     if args.markdown:

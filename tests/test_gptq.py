@@ -162,3 +162,15 @@ def test_act_order_checkpoint_and_gptq_export(tiny_dir, tmp_path):
         assert torch.equal(model(input_ids=windows[:2]).logits, again(input_ids=windows[:2]).logits)
     g = export_gptq(again, tok, tmp_path / "gptq", "gptq_v2")
     assert json.loads((g / "config.json").read_text())["quantization_config"]["desc_act"] is True
+
+
+def test_hessian_from_block_rows_is_the_full_product_and_exactly_symmetric():
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(300, 193, generator=g)  # a width the four block rows do not divide
+    h = Hessian(193)
+    for part in (X[:100], X[100:101], X[101:]):
+        h.update(part)
+    ref = 2.0 / 300 * X.double().t() @ X.double()
+    assert torch.equal(h.H, h.H.t())
+    assert torch.allclose(h.H.double(), ref, rtol=1e-5, atol=1e-5)
+    assert h.n == 300

@@ -104,6 +104,31 @@ def qparams_for(
     return mse_qparams(w, lo, hi, grid, sdt, g_idx, n_groups)
 
 
+def _shrink_factors(shrink_steps: int, min_shrink: float) -> list[float]:
+    return [1.0 - (1.0 - min_shrink) * i / max(shrink_steps - 1, 1) for i in range(shrink_steps)]
+
+
+def grouped_layout(w: torch.Tensor, g_idx: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """w [out, in] as [out, n_groups, width]: each group's columns side by side, so group
+    reductions are plain sums over the last dim. Ragged or permuted groups are gathered
+    and zero-padded; the mask (None when no padding) marks the real entries."""
+    out, n = w.shape
+    g = g_idx.long()
+    counts = torch.bincount(g, minlength=n_groups)
+    width = int(counts.max()) if n else 0
+    if n == n_groups * width and torch.equal(g, torch.arange(n) // width):
+        return w.reshape(out, n_groups, width), None
+    order = torch.argsort(g, stable=True)
+    gs = g[order]
+    start = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(n) - start[gs]
+    wg = torch.zeros(out, n_groups, width, dtype=w.dtype)
+    wg[:, gs, pos] = w[:, order]
+    mask = torch.zeros(n_groups, width, dtype=w.dtype)
+    mask[gs, pos] = 1
+    return wg, mask
+
+
 def mse_qparams(
     w: torch.Tensor,
     lo: torch.Tensor,
@@ -117,12 +142,49 @@ def mse_qparams(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip each group's range to p * [lo, hi], with p on a grid from 1 down to min_shrink,
     keeping per group the p with the least squared error (the search llm-compressor and
-    GPTQ call 'mse'). p = 1 is a candidate, so the result is never worse than min-max."""
+    GPTQ call 'mse'). p = 1 is a candidate, so the result is never worse than min-max.
+
+    The groups are laid out side by side ([out, groups, width]) so each candidate costs a
+    few in-place elementwise ops and one sum, with no gathers; ``mse_qparams_reference``
+    is the plain form the tests hold it to."""
+    wg, mask = grouped_layout(w.float(), g_idx, n_groups)
+    best_err = torch.full(lo.shape, float("inf"))
+    best_scale, best_zero = qparams_from_range(lo, hi, grid, scale_dtype)
+    buf = torch.empty_like(wg)
+    for p in _shrink_factors(shrink_steps, min_shrink):
+        p = torch.tensor(p, dtype=torch.float32)
+        scale, zero = qparams_from_range(lo * p, hi * p, grid, scale_dtype)
+        s, z = scale.float().unsqueeze(-1), zero.unsqueeze(-1)
+        # (dequantize(quantize(w)) - w)^2, as quantize()/dequantize() compute it
+        torch.div(wg, s, out=buf).round_().add_(z).clamp_(grid.qmin, grid.qmax)
+        buf.sub_(z).mul_(s).sub_(wg).pow_(2)
+        if mask is not None:
+            buf.mul_(mask)
+        err = buf.sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def mse_qparams_reference(
+    w: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    grid: IntGrid,
+    scale_dtype: torch.dtype,
+    g_idx: torch.Tensor,
+    n_groups: int,
+    shrink_steps: int = 80,
+    min_shrink: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same search, one candidate at a time: the plain form the tests hold mse_qparams to."""
     g = g_idx.long()
     best_err = torch.full(lo.shape, float("inf"))
     best_scale, best_zero = qparams_from_range(lo, hi, grid, scale_dtype)
-    for i in range(shrink_steps):
-        p = 1.0 - (1.0 - min_shrink) * i / max(shrink_steps - 1, 1)
+    for p in _shrink_factors(shrink_steps, min_shrink):
+        p = torch.tensor(p, dtype=torch.float32)
         scale, zero = qparams_from_range(lo * p, hi * p, grid, scale_dtype)
         s, z = scale.float()[:, g], zero[:, g]
         err = group_sum((dequantize(quantize(w, s, z, grid), s, z) - w).pow(2), g_idx, n_groups)
