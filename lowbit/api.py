@@ -104,6 +104,7 @@ def quantize(
     calib: calibration windows [n, seq_len]; required by methods that look at data.
     """
     algo = make_algorithm(config)
+    config = algo.config  # a method may complete it (llm-int8 adds its activation format)
     needs = algo.uses_calibration()
     if needs and calib is None:
         raise LowbitError(f"{config.describe()} needs calibration data")

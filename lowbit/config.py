@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,10 @@ class ActSpec:
     ``observer``. Asymmetric is the default: measured on SmolLM2-135M, 8-bit per-token
     activations cost +1.0% perplexity asymmetric and +2.8% symmetric, because a token's
     outlier channels are mostly one-sided (see BENCHMARKS.md).
+
+    outlier_threshold (LLM.int8()'s mixed-precision decomposition, dynamic per-token only):
+    the input columns in which any |x| exceeds it are decided per input at run time,
+    multiplied in floating point and added back; the rest are quantized. None: off.
     """
 
     bits: int = 8
@@ -88,6 +93,7 @@ class ActSpec:
     group_size: int | None = None
     observer: str = "minmax"
     percentile: float = 99.99
+    outlier_threshold: float | None = None
 
     def __post_init__(self) -> None:
         _check_bits(self.bits, "activation bits")
@@ -105,11 +111,18 @@ class ActSpec:
             raise LowbitError(f"activation observer must be one of {', '.join(ACT_OBSERVERS)}, got {self.observer!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise LowbitError(f"percentile must be in (50, 100], got {self.percentile!r}")
+        t = self.outlier_threshold
+        if t is not None:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+                raise LowbitError(f"outlier threshold must be a positive number or None, got {t!r}")
+            if not self.dynamic or self.granularity != "token" or self.group_size is not None:
+                raise LowbitError("the outlier threshold (LLM.int8() decomposition) needs dynamic per-token activations without groups")
 
     def describe(self) -> str:
         mode = "dynamic" if self.dynamic else f"static({self.observer})"
         gran = f"per-token-g{self.group_size}" if self.group_size else f"per-{self.granularity}"
-        return f"A{self.bits} {mode} {gran} {'sym' if self.symmetric else 'asym'}"
+        out = f" outliers>{self.outlier_threshold:g} in float" if self.outlier_threshold is not None else ""
+        return f"A{self.bits} {mode} {gran} {'sym' if self.symmetric else 'asym'}{out}"
 
 
 def _match(pattern: str, name: str) -> bool:

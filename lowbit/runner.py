@@ -121,13 +121,14 @@ class BlockContext:
         assert self.inputs is not None
         return input_groups(self.block, lambda: self.forward(self.inputs.hidden[:1]))
 
-    def forward_with_hooks(self, pre_hooks: dict[str, Callable]) -> torch.Tensor:
-        """One forward of the block with pre-forward hooks on the named Linear layers;
-        a hook may return a replacement input, as in ``register_forward_pre_hook``."""
+    def forward_with_hooks(self, pre_hooks: dict[str, Callable], hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """One forward of the block (on ``hidden`` when given, as in ``forward``) with
+        pre-forward hooks on the named Linear layers; a hook may return a replacement
+        input, as in ``register_forward_pre_hook``."""
         mods = self.linears()
         handles = [mods[n].register_forward_pre_hook(fn) for n, fn in pre_hooks.items()]
         try:
-            return self.forward()
+            return self.forward(hidden)
         finally:
             for h in handles:
                 h.remove()

@@ -7,7 +7,7 @@ import importlib
 
 from .base import REGISTRY, Algorithm, make_algorithm, register
 
-_MODULES = ("rtn", "gptq")
+_MODULES = ("rtn", "gptq", "awq", "smoothquant", "llm_int8", "zeroquant")
 
 
 def load_all() -> None:

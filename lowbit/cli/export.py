@@ -2,6 +2,7 @@
 
     lowbit export compressed-tensors CKPT -o OUT     transformers / vLLM (pack-quantized)
     lowbit export gptq CKPT -o OUT [--format gptq_v2]  GPTQModel, AutoGPTQ, vLLM
+    lowbit export awq CKPT -o OUT                     AWQ GEMM layout (AutoAWQ, vLLM, GPTQModel)
     lowbit export gguf MODEL --type Q4_K_M [--imatrix] -o OUT.gguf   llama.cpp (see gguf.py)
 
 Registered by main.py as a sub-app; errors follow main.py's pattern (``error: ...``, exit 2).
@@ -16,7 +17,7 @@ from typing import Annotated
 import typer
 
 export_app = typer.Typer(
-    help="Export a model or lowbit checkpoint to a format other tools load (compressed-tensors, GPTQ, GGUF).",
+    help="Export a model or lowbit checkpoint to a format other tools load (compressed-tensors, GPTQ, AWQ, GGUF).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -79,6 +80,17 @@ def gptq(
     model, tok = _load(checkpoint)
     export_gptq(model, tok, output, checkpoint_format=format)
     _say(f"wrote {output}/ (GPTQ, checkpoint format {format})")
+
+
+@export_app.command("awq")
+@handle_errors
+def awq(checkpoint: CheckpointArg, output: OutputOpt) -> None:
+    """Write CHECKPOINT in the AWQ GEMM layout (qweight, qzeros, scales packed along the output)."""
+    from ..export.awq import export_awq
+
+    model, tok = _load(checkpoint)
+    export_awq(model, tok, output)
+    _say(f"wrote {output}/ (AWQ GEMM)")
 
 
 def _add_gguf() -> None:

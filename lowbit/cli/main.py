@@ -229,6 +229,7 @@ def eval_cmd(
     bos: BosOpt = "auto",
     reference: Annotated[bool, typer.Option("--reference/--no-reference", help="Compare against the unquantized model (KL, top-1): for a checkpoint, its source model, loaded if its reference is not cached.")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result to this JSON file.")] = None,
+    kernel: Annotated[str, typer.Option("--kernel", help="Compute path of a quantized checkpoint: reference (dequantize, float matmul) or int8 (int8 x int8 -> int32 products where weights and activations are both quantized).")] = "reference",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Measure perplexity (and KL / top-1 agreement against the original) under the protocol."""
@@ -237,8 +238,12 @@ def eval_cmd(
 
     protocol = Protocol(seq_len=seq_len, n_windows=windows, n_calib=1, calib_len=2, bos=bos)
     m, tok, info = api.load(model)
+    if kernel != "reference":
+        from ..nn import set_kernel
+
+        set_kernel(m, kernel)  # a one-line error for an unknown kernel or a float model
     w = api.eval_windows_for(tok, protocol, data)
-    result: dict = {"model": model, "protocol": protocol.to_dict()}
+    result: dict = {"model": model, "protocol": protocol.to_dict(), "kernel": kernel}
     ref, original, note = api.reference_for_model(m, info, w, protocol, enabled=reference, progress=not quiet)
     if note:
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
@@ -330,9 +335,11 @@ def methods() -> None:
 
 
 def _add_subcommands() -> None:
+    from .activations import activations
     from .export import export_app
 
     app.add_typer(export_app, name="export")
+    app.command("activations")(activations)
 
 
 _add_subcommands()

@@ -5,6 +5,12 @@ scale per row of the flattened input; per tensor: one for all of it). Static qua
 uses a scale and zero point fixed beforehand from calibration data (see
 ``lowbit.calibration.observers``). Activation scales stay in float32: they are computed at
 run time, not stored at low precision.
+
+LLM.int8()'s mixed-precision decomposition (``ActSpec.outlier_threshold``) is a fake
+quantizer too: the columns holding an outlier keep their float values and the rest are
+quantized per token with the outliers left out of the range. Zero always quantizes to
+exactly zero, so ``linear(decomposed x, W)`` equals the paper's sum of an int8 product over
+the regular columns and a float product over the outlier columns.
 """
 
 from __future__ import annotations
@@ -39,10 +45,22 @@ def _to_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
     return x.reshape(*x.shape[:-1], -1, group), n
 
 
+def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Bool mask [in] of the input columns where any token of ``x`` [..., in] has
+    |x| > threshold: decided per input, at run time, as LLM.int8() does."""
+    return (x.detach().abs() > threshold).reshape(-1, x.shape[-1]).any(0)
+
+
 def fake_quantize_act(
     x: torch.Tensor, spec: ActSpec, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Fake-quantize an activation: dynamically, or with static (scale, zero) when given."""
+    if spec.outlier_threshold is not None and scale is None:
+        cols = outlier_columns(x, spec.outlier_threshold)
+        if bool(cols.any()):  # (outlier thresholds come with per-token, ungrouped scales)
+            regular = x.masked_fill(cols, 0.0)
+            scale, zero = dynamic_qparams(regular, spec)
+            return torch.where(cols, x, fake_quantize(regular, scale, zero, act_grid(spec)))
     if scale is not None:
         return fake_quantize(x, scale, zero, act_grid(spec))
     if spec.group_size is None:

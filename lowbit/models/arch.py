@@ -86,3 +86,53 @@ def input_groups(block: nn.Module, run_forward) -> list[list[str]]:
     if missing:
         groups.append(sorted(missing))  # never called on this input: quantize them last
     return groups
+
+
+def scaling_pairs(block: nn.Module) -> list[tuple[str, list[str]]]:
+    """(previous module, [Linear layers reading its output]) for the per-channel scalings of
+    AWQ and SmoothQuant, found by name and shape in Llama-style blocks, in forward order:
+
+        input_layernorm           -> q_proj, k_proj, v_proj
+        v_proj                    -> o_proj     only when v's outputs are o's inputs one to
+                                                one (no grouped-query attention: SmolLM2's
+                                                3 kv heads feed 9 query heads, so not there)
+        post_attention_layernorm  -> gate_proj, up_proj   (pre_feedforward_layernorm where a
+                                                block has one, as Gemma 2/3 do)
+        up_proj                   -> down_proj  (down reads act(gate) * up: linear in up's rows)
+
+    A norm qualifies only if it has a weight of the width its Linears read. Blocks without
+    these names (fused qkv, GPT-2 style) give fewer pairs or none; callers then skip the
+    scaling. Folding a scale into the previous module is ``lowbit.algorithms.smoothing``'s job.
+    """
+    modules = dict(block.named_modules())
+    linears = block_linears(block)
+
+    def find(leaf: str, pool: dict) -> str | None:
+        hits = [n for n in pool if n.rsplit(".", 1)[-1] == leaf]
+        return hits[0] if len(hits) == 1 else None
+
+    def norm(leaf: str, width: int) -> str | None:
+        name = find(leaf, modules)
+        if name is None or is_linear(modules[name]):
+            return None
+        w = getattr(modules[name], "weight", None)
+        return name if w is not None and tuple(w.shape) == (width,) else None
+
+    pairs: list[tuple[str, list[str]]] = []
+    q, k, v, o = (find(f"{p}_proj", linears) for p in ("q", "k", "v", "o"))
+    if q and k and v:
+        prev = norm("input_layernorm", linears[q].in_features)
+        if prev and linears[k].in_features == linears[v].in_features == linears[q].in_features:
+            pairs.append((prev, [q, k, v]))
+    if v and o and linears[v].out_features == linears[o].in_features:
+        pairs.append((v, [o]))
+    gate, up, down = (find(f"{p}_proj", linears) for p in ("gate", "up", "down"))
+    if up:
+        width = linears[up].in_features
+        prev = norm("pre_feedforward_layernorm", width) or norm("post_attention_layernorm", width)
+        readers = [gate, up] if gate and linears[gate].in_features == width else [up]
+        if prev:
+            pairs.append((prev, readers))
+        if down and linears[up].out_features == linears[down].in_features:
+            pairs.append((up, [down]))
+    return pairs

@@ -6,11 +6,16 @@ forward pass dequantizes the weight and runs a float matmul: this is the referen
 path, exact by construction, that evaluation uses and that faster kernels are tested
 against. Codes are kept unpacked (one uint8 per weight) in memory; bit packing happens only
 when a checkpoint is written (``lowbit.export.checkpoint``). Biases stay in float32.
+
+``set_kernel(model, "int8")`` (or ``with use_kernel(model, "int8")``) switches the layers
+that quantize both weights and activations to real int8 x int8 -> int32 products
+(``lowbit.nn.int8``); the kernel is a run-time choice, not part of the state dict.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -20,7 +25,11 @@ from torch import nn
 from ..config import ActSpec, WeightSpec
 from ..formats.activations import fake_quantize_act
 from ..formats.integer import torch_dtype
+from ..errors import LowbitError
 from ..formats.weights import QuantizedWeight, default_g_idx, grid_of
+from . import int8 as int8_path
+
+log = logging.getLogger(__name__)
 
 
 class QuantLinear(nn.Module):
@@ -50,6 +59,8 @@ class QuantLinear(nn.Module):
         if aspec is not None and not aspec.dynamic:
             self.register_buffer("act_scale", torch.ones(()))
             self.register_buffer("act_zero", torch.zeros(()))
+        self.kernel = "reference"  # or "int8": see set_kernel
+        self._int8 = None  # (state key, Int8Weight) while the int8 kernel is in use
 
     @classmethod
     def from_linear(
@@ -106,7 +117,32 @@ class QuantLinear(nn.Module):
         ts = [self.codes, self.scales, self.g_idx] + ([self.zeros] if hasattr(self, "zeros") else [])
         return tuple((id(t), t._version) for t in ts)
 
+    def int8_unsupported(self) -> str | None:
+        """Why this layer cannot use the int8 kernel (None: it can)."""
+        return int8_path.unsupported_reason(None if self.wspec is None else self.quantized_weight(), self.aspec)
+
+    def int8_weight(self) -> int8_path.Int8Weight:
+        key = self._state_key()
+        if self._int8 is None or self._int8[0] != key:
+            self._int8 = (key, int8_path.prepare_weight(self.quantized_weight()))
+        return self._int8[1]
+
+    def _dequant_columns(self, cols: torch.Tensor) -> torch.Tensor:
+        """Dequantized weight columns [out, n_cols] (LLM.int8()'s outlier columns)."""
+        q = self.quantized_weight()
+        g = q.g_idx[cols].long()
+        return (q.codes[:, cols].float() - q.zero_points()[:, g]) * q.scale.float()[:, g]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "int8":
+            static = self.aspec is not None and not self.aspec.dynamic
+            y = int8_path.int8_matmul(
+                x, self.int8_weight(), self.aspec,
+                self.act_scale if static else None, self.act_zero if static else None, self._dequant_columns,
+            )
+            if self.bias is not None:
+                y = y + self.bias
+            return y.to(x.dtype)
         if self.aspec is not None:
             if self.aspec.dynamic:
                 x = fake_quantize_act(x, self.aspec)
@@ -122,6 +158,49 @@ class QuantLinear(nn.Module):
         if self.aspec is not None:
             parts.append(self.aspec.describe())
         return ", ".join(parts)
+
+
+def set_kernel(model: nn.Module, kernel: str) -> list[str]:
+    """Select the compute path of every QuantLinear in ``model``: "reference" (dequantize,
+    float matmul) or "int8" (integer products, see lowbit.nn.int8). Layers that cannot
+    run int8 (float weights, float activations, activation groups, act-order groups) stay
+    on the reference path, with a logged note. Returns the names of the layers switched."""
+    if kernel not in int8_path.KERNELS:
+        raise LowbitError(f"unknown kernel {kernel!r}; expected one of {', '.join(int8_path.KERNELS)}")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        raise LowbitError("the model has no quantized layers to run on a kernel")
+    switched, refused = [], {}
+    for name, m in layers.items():
+        reason = m.int8_unsupported() if kernel == "int8" else None
+        if reason is None:
+            m.kernel = kernel
+            switched.append(name)
+        else:
+            m.kernel, m._int8 = "reference", None
+            refused[name] = reason
+    if kernel == "reference":
+        for m in layers.values():
+            m._int8 = None
+    if refused:
+        first = next(iter(refused.items()))
+        if not switched:
+            raise LowbitError(f"no layer can use the int8 kernel: {first[0]}: {first[1]}")
+        log.info("%d layers stay on the reference path (e.g. %s: %s)", len(refused), *first)
+    return switched
+
+
+@contextlib.contextmanager
+def use_kernel(model: nn.Module, kernel: str) -> Iterator[list[str]]:
+    """``set_kernel`` for the duration of a with-block, then back to each layer's previous kernel."""
+    before = {m: m.kernel for m in model.modules() if isinstance(m, QuantLinear)}
+    try:
+        yield set_kernel(model, kernel)
+    finally:
+        for m, k in before.items():
+            m.kernel = k
+            if k != "int8":
+                m._int8 = None
 
 
 @contextlib.contextmanager

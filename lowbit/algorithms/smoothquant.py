@@ -1,0 +1,123 @@
+"""SmoothQuant (Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training
+Quantization for Large Language Models", 2023).
+
+Activation outliers sit in a few fixed channels, so one activation scale per tensor or per
+token wastes most of its range; weights are easy to quantize. SmoothQuant migrates the
+difficulty from activations to weights with a per-input-channel scale
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
+
+(max|X_j| over the calibration tokens, max|W_j| over the rows of every Linear reading
+that input), divides the activation channel by s_j (folded into the preceding norm, so
+it costs nothing at run time) and multiplies the weight column by s_j. alpha is the
+migration strength (``--option alpha=0.5``; the paper uses 0.5 for most models, up to
+0.8-0.9 where outliers are larger). The block then gets the W8A8 the config asks for:
+weights round-to-nearest (int8 per channel), activations static per tensor or dynamic
+per token as its ActSpec says.
+
+Smoothed inputs are those of q/k/v (from input_layernorm) and gate/up (from
+post_attention_layernorm), as in the paper; ``fold_linear=true`` also smooths the inputs
+of down_proj (into up_proj) and o_proj (into v_proj, where shapes allow), which the paper
+does not do; on SmolLM2, whose largest activations are down_proj's inputs, it is what makes
+static per-tensor W8A8 work (BENCHMARKS.md). max|X_j| is taken over ``stat_windows``
+calibration windows spread over the set (8: 4096 tokens of 512-token windows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import WeightSpec
+from ..errors import LowbitError
+from ..formats.weights import QuantizedWeight, quantize_weight
+from ..models.arch import is_linear, scaling_pairs
+from ..runner import BlockContext
+from .base import Algorithm, register
+from .smoothing import capture, checked_folding, fold_scales, spread_windows
+
+
+def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha) (pure function). A channel whose
+    activations or weights are all zero gets s_j = 1: there is nothing to migrate, and
+    the formula would divide by zero or send the scale to zero."""
+    a = act_absmax.detach().float()
+    w = weight_absmax.detach().float()
+    ok = (a > 0) & (w > 0)
+    s = a.clamp_min(1e-30).pow(alpha) / w.clamp_min(1e-30).pow(1 - alpha)
+    s = torch.where(ok & torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
+    return s
+
+
+def weight_absmax(weights: list[torch.Tensor]) -> torch.Tensor:
+    """max |W_j| per input column j over all rows of all the given weights."""
+    return torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0)
+
+
+@dataclass(frozen=True)
+class SmoothQuantOptions:
+    alpha: float = 0.5
+    fold_linear: bool = False
+    stat_windows: int = 8  # calibration windows max|X| is taken over (spread; 0: all)
+
+    def __post_init__(self) -> None:
+        a = self.alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1:
+            raise LowbitError(f"alpha (migration strength) must be in [0, 1], got {a!r}")
+        v = self.stat_windows
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise LowbitError(f"stat_windows must be a non-negative integer, got {v!r}")
+
+
+@register
+class SmoothQuant(Algorithm):
+    name = "smoothquant"
+    summary = "SmoothQuant: migrate activation outliers into weights (s = max|X|^a / max|W|^(1-a), folded into norms), then W8A8"
+    Options = SmoothQuantOptions
+    needs_weights = False
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.act is None:
+            raise LowbitError("smoothquant smooths activations for their quantization: give an activation format (e.g. --act-bits 8)")
+        self._records: dict[str, dict] = {}
+
+    def uses_calibration(self) -> bool:
+        return True
+
+    def transform_block(self, ctx: BlockContext) -> None:
+        pairs = [(p, ls) for p, ls in scaling_pairs(ctx.block) if self.options.fold_linear or not is_linear(ctx.block.get_submodule(p))]
+        if not pairs:
+            return
+        act_max: dict[str, torch.Tensor] = {}
+        # max|X_j| from a spread subset of the windows: a full extra pass per block would cost
+        # as much as the runner's own (which still calibrates the static scales on all of them)
+        windows = spread_windows(ctx.inputs.hidden.shape[0], self.options.stat_windows)
+        capture(ctx, [ls[0] for _, ls in pairs], lambda name, x: act_max.__setitem__(name, x.abs().amax(0).float()), windows)
+        linears = ctx.linears()
+        with checked_folding(ctx, "SmoothQuant smoothing"):
+            for prev, names in pairs:
+                a = act_max[names[0]]
+                s = smoothing_scales(a, weight_absmax([linears[n].weight for n in names]), self.options.alpha)
+                fold_scales(ctx.block, prev, names, s, ctx.prefix + ".")
+                for n in names:
+                    self._records[ctx.full_name(n)] = {
+                        "act_absmax_ratio_before": _outlier_ratio(a),
+                        "act_absmax_ratio_after": _outlier_ratio(a / s),
+                    }
+
+    def solve(self, name: str, module: nn.Module, spec: WeightSpec, stats: Any) -> QuantizedWeight:
+        return quantize_weight(module.weight, spec, name=name)
+
+    def layer_record(self, name: str, module: nn.Module, qweight: QuantizedWeight, stats: Any) -> dict:
+        return self._records.pop(name, {})
+
+
+def _outlier_ratio(channel_absmax: torch.Tensor) -> float:
+    """max over channels of max|X_j| / their median: how far the largest channel is from
+    a typical one (what a per-tensor scale pays for)."""
+    med = float(channel_absmax.median())
+    return float(channel_absmax.max()) / med if med > 0 else float("inf")
