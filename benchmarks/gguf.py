@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +39,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from rtn import write_section  # noqa: E402  (one writer of BENCHMARKS.md sections)
 # Run as a script, this file's folder comes first on sys.path, where this very file
 # would shadow gguf-py's package `gguf`; drop it.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -319,19 +320,6 @@ def torch_threads(n: int) -> None:
     import torch
 
     torch.set_num_threads(n)
-
-
-def write_section(name: str, text: str) -> None:
-    """Replace the <!-- name:begin --> ... <!-- name:end --> block of BENCHMARKS.md."""
-    path = ROOT / "BENCHMARKS.md"
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    block = f"{begin}\n{text}\n{end}"
-    if begin in doc:
-        doc = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
-    else:
-        doc += "\n" + block + "\n"
-    path.write_text(doc)
 
 
 def markdown(result: dict) -> str:

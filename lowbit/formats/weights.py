@@ -108,6 +108,13 @@ def _shrink_factors(shrink_steps: int, min_shrink: float) -> list[float]:
     return [1.0 - (1.0 - min_shrink) * i / max(shrink_steps - 1, 1) for i in range(shrink_steps)]
 
 
+def _keep_better(err, scale, zero, best_err, best_scale, best_zero):
+    """Per group, the candidate (scale, zero) where its error is strictly lower: ties keep
+    the earlier (wider) range."""
+    better = err < best_err
+    return torch.where(better, err, best_err), torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+
+
 def grouped_layout(w: torch.Tensor, g_idx: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """w [out, in] as [out, n_groups, width]: each group's columns side by side, so group
     reductions are plain sums over the last dim. Ragged or permuted groups are gathered
@@ -148,8 +155,7 @@ def mse_qparams(
     few in-place elementwise ops and one sum, with no gathers; ``mse_qparams_reference``
     is the plain form the tests hold it to."""
     wg, mask = grouped_layout(w.float(), g_idx, n_groups)
-    best_err = torch.full(lo.shape, float("inf"))
-    best_scale, best_zero = qparams_from_range(lo, hi, grid, scale_dtype)
+    best = (torch.full(lo.shape, float("inf")), *qparams_from_range(lo, hi, grid, scale_dtype))
     buf = torch.empty_like(wg)
     for p in _shrink_factors(shrink_steps, min_shrink):
         p = torch.tensor(p, dtype=torch.float32)
@@ -160,12 +166,8 @@ def mse_qparams(
         buf.sub_(z).mul_(s).sub_(wg).pow_(2)
         if mask is not None:
             buf.mul_(mask)
-        err = buf.sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+        best = _keep_better(buf.sum(-1), scale, zero, *best)
+    return best[1], best[2]
 
 
 def mse_qparams_reference(
@@ -181,18 +183,14 @@ def mse_qparams_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same search, one candidate at a time: the plain form the tests hold mse_qparams to."""
     g = g_idx.long()
-    best_err = torch.full(lo.shape, float("inf"))
-    best_scale, best_zero = qparams_from_range(lo, hi, grid, scale_dtype)
+    best = (torch.full(lo.shape, float("inf")), *qparams_from_range(lo, hi, grid, scale_dtype))
     for p in _shrink_factors(shrink_steps, min_shrink):
         p = torch.tensor(p, dtype=torch.float32)
         scale, zero = qparams_from_range(lo * p, hi * p, grid, scale_dtype)
         s, z = scale.float()[:, g], zero[:, g]
         err = group_sum((dequantize(quantize(w, s, z, grid), s, z) - w).pow(2), g_idx, n_groups)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+        best = _keep_better(err, scale, zero, *best)
+    return best[1], best[2]
 
 
 def quantize_weight(
