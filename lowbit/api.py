@@ -27,6 +27,7 @@ from .cache import cache_dir, text_hash
 from .calibration.data import Protocol, bos_id_for, calib_windows, eval_windows, split_windows, tokenize
 from .calibration.text import read_text
 from .config import QuantConfig
+from .runner import float32_matmul_precision
 from .errors import LowbitError
 from .evaluation.metrics import EvalResult, Reference, evaluate
 from .export.checkpoint import load_checkpoint, quant_layers, save_checkpoint
@@ -138,12 +139,8 @@ def matmul_precision(precision: str):
         return
     if not bf16_supported():
         raise LowbitError("calibration precision bf16 needs a CPU with bfloat16 support; use fp32")
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
-    try:
+    with float32_matmul_precision("medium"):
         yield
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 def storage_summary(model: torch.nn.Module) -> dict[str, Any]:

@@ -18,8 +18,9 @@ at a time (calibration tokens x the block's widths), on top of the model itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -134,6 +135,17 @@ class BlockContext:
                 h.remove()
 
 
+@contextlib.contextmanager
+def float32_matmul_precision(level: str) -> Iterator[None]:
+    """torch's float32 matmul precision ("highest", "high", "medium") for the duration."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(level)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def run_blocks(
     model: nn.Module,
     quantize_block: Callable[[BlockContext], torch.Tensor | None],
@@ -147,17 +159,22 @@ def run_blocks(
     them (the next block's input). Without (methods that need no data), ctx.inputs is None
     and no forward pass runs at all.
     """
-    prefix, layers = decoder_layers(model)
-    inputs = capture_first_block_inputs(model, layers[0], windows) if windows is not None else None
-    contexts = []
-    iterator = progress(range(len(layers))) if progress else range(len(layers))
-    for i in iterator:
-        ctx = BlockContext(index=i, prefix=f"{prefix}.{i}", block=layers[i], inputs=inputs)
-        out = quantize_block(ctx)
-        if inputs is not None:
-            if out is None:
-                out = ctx.forward()
-            inputs = BlockInputs(out, inputs.kwargs)
-        ctx.inputs = None  # release this block's activations
-        contexts.append(ctx)
-    return contexts
+    was_training = model.training
+    model.eval()  # calibration passes never use dropout
+    try:
+        prefix, layers = decoder_layers(model)
+        inputs = capture_first_block_inputs(model, layers[0], windows) if windows is not None else None
+        contexts = []
+        iterator = progress(range(len(layers))) if progress else range(len(layers))
+        for i in iterator:
+            ctx = BlockContext(index=i, prefix=f"{prefix}.{i}", block=layers[i], inputs=inputs)
+            out = quantize_block(ctx)
+            if inputs is not None:
+                if out is None:
+                    out = ctx.forward()
+                inputs = BlockInputs(out, inputs.kwargs)
+            ctx.inputs = None  # release this block's activations
+            contexts.append(ctx)
+        return contexts
+    finally:
+        model.train(was_training)

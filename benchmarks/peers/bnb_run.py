@@ -22,7 +22,6 @@ per window, NLL of tokens 1..T-1 given the previous ones, ppl = exp(mean).
 
 import argparse
 import json
-import math
 import os
 import time
 
@@ -31,20 +30,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-
-@torch.no_grad()
-def perplexity(model, windows):
-    total_nll, count = 0.0, 0
-    for row in windows:
-        ids = torch.from_numpy(row).long().unsqueeze(0)
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        nll = torch.nn.functional.cross_entropy(
-            logits[0, :-1], ids[0, 1:], reduction="sum"
-        )
-        total_nll += nll.item()
-        count += ids.shape[1] - 1
-    return math.exp(total_nll / count)
+from peer_eval import perplexity  # noqa: E402  (this folder is on sys.path)
 
 
 def timed_load(model_dir, quantization_config=None):

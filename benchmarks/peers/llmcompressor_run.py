@@ -33,7 +33,6 @@ in float32 with llm-compressor's fake-quantized forward.
 
 import argparse
 import json
-import math
 import os
 import time
 
@@ -42,6 +41,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from peer_eval import perplexity  # noqa: E402  (this folder is on sys.path)
 
 
 def patch_awq_for_cpu():
@@ -79,20 +79,6 @@ def build_recipe(scheme, bits, group_size, sym, actorder=None):
         patch_awq_for_cpu()
         return [AWQModifier(), QuantizationModifier(**quant)]
     raise ValueError(scheme)
-
-
-@torch.no_grad()
-def perplexity(model, windows):
-    total_nll, count = 0.0, 0
-    for row in windows:
-        ids = torch.from_numpy(row).long().unsqueeze(0)
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        nll = torch.nn.functional.cross_entropy(
-            logits[0, :-1], ids[0, 1:], reduction="sum"
-        )
-        total_nll += nll.item()
-        count += ids.shape[1] - 1
-    return math.exp(total_nll / count)
 
 
 def main():

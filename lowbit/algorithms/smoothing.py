@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import LowbitError
 from ..models.arch import is_linear
-from ..runner import BlockContext
+from ..runner import BlockContext, float32_matmul_precision
 
 log = logging.getLogger(__name__)
 # relative change of a block's output that a fold may cause (float32 rounding is ~1e-6)
@@ -119,14 +119,9 @@ class FoldCheck:
     rel_change: float = 0.0
 
 
-@contextlib.contextmanager
-def full_precision() -> Iterator[None]:
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
+def full_precision():
+    """Exact float32 matmuls for the searches, whatever the calibration precision."""
+    return float32_matmul_precision("highest")
 
 
 @contextlib.contextmanager

@@ -54,12 +54,7 @@ def collect_imatrix(model: torch.nn.Module, calib_windows: torch.Tensor, progres
 
         return ctx.forward_with_hooks({name: observe(name) for name in ctx.linears()})
 
-    was_training = model.training
-    model.eval()
-    try:
-        run_blocks(model, one_block, calib_windows, progress=progress)
-    finally:
-        model.train(was_training)
+    run_blocks(model, one_block, calib_windows, progress=progress)
     result = {name: (s / counts[name]).to(torch.float32) for name, s in sums.items()}
     for name, v in result.items():
         if not torch.isfinite(v).all():

@@ -105,10 +105,5 @@ def gptq_gguf(model: torch.nn.Module, windows: torch.Tensor, types: dict, damp_p
 
         return ctx.forward_with_hooks({local: hook_for(local) for local in first_of})
 
-    was_training = model.training
-    model.eval()
-    try:
-        run_blocks(model, one_block, windows, progress=progress)
-    finally:
-        model.train(was_training)
+    run_blocks(model, one_block, windows, progress=progress)
     return result
