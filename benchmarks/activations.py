@@ -23,6 +23,7 @@ the same for one Linear of each of SmolLM2's shapes on 512 tokens.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -59,6 +60,8 @@ SETTINGS = {
     "sq-w8a8-static-mse": ("SmoothQuant a=0.5, W8A8 static per-tensor, MSE", "smoothquant", W8CH_ASYM, dict(STATIC_T, observer="mse"), {"alpha": 0.5}, False),
     "sq-w8a8-token": ("SmoothQuant a=0.5, W8A8 dynamic per-token", "smoothquant", W8CH_ASYM, TOKEN, {"alpha": 0.5}, True),
     "llm-int8": ("LLM.int8() (W8 per-row, A8 per-token, columns with an abs value > 6 in float)", "llm-int8", dict(bits=8, group_size=None, restricted=True), None, {}, True),
+    "llm-int8-t2": ("LLM.int8() with threshold 2", "llm-int8", dict(bits=8, group_size=None, restricted=True), None, {"threshold": 2.0}, False),
+    "llm-int8-t1": ("LLM.int8() with threshold 1", "llm-int8", dict(bits=8, group_size=None, restricted=True), None, {"threshold": 1.0}, False),
     "llm-int8-asym-act": ("LLM.int8() with asymmetric per-token activations", "llm-int8", dict(bits=8, group_size=None, restricted=True), TOKEN, {}, False),
     "zq-w4a8-nolkd": ("ZeroQuant W4 g64 asym + A8 per-token, no LKD", "zeroquant", W4G64A, TOKEN, {"lkd_steps": 0}, False),
     "zq-w4a8-lkd": ("ZeroQuant W4 g64 asym + A8 per-token, LKD", "zeroquant", W4G64A, TOKEN, {}, False),
@@ -115,6 +118,27 @@ def time_int8_path(model, fp_model, window) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def float_column_share():
+    """Collects, for every Linear input LLM.int8() decides on during the block, the share
+    of input columns it multiplies in float (wraps formats.activations.outlier_columns)."""
+    from lowbit.formats import activations
+
+    shares: list[float] = []
+    original = activations.outlier_columns
+
+    def counted(x, threshold):
+        cols = original(x, threshold)
+        shares.append(float(cols.float().mean()))
+        return cols
+
+    activations.outlier_columns = counted
+    try:
+        yield shares
+    finally:
+        activations.outlier_columns = original
+
+
 def run_one(name: str, windows: Path, threads: int) -> dict:
     import numpy as np
     import torch
@@ -145,7 +169,10 @@ def run_one(name: str, windows: Path, threads: int) -> dict:
     row["quantize_s"] = time.perf_counter() - start
     row["quantize_cpu_s"] = time.process_time() - cpu
     row["config"] = report.config
-    r = lowbit.evaluate_model(model, evals, protocol, ref, progress=False)
+    with float_column_share() as share:
+        r = lowbit.evaluate_model(model, evals, protocol, ref, progress=False)
+    if share:
+        row["float_column_share"] = sum(share) / len(share)
     row.update(ppl=r.ppl, kl=r.kl, top1=r.top1)
     for key in ("lkd_block_rel_error_before", "lkd_block_rel_error_after", "awq_alpha", "output_rel_error", "rtn_output_rel_error"):
         vals = [x[key] for x in report.layers if key in x]
@@ -183,8 +210,8 @@ def markdown(rows: dict[str, dict], meta: dict) -> str:
         "from_pretrained with quantization). int8 path: perplexity with real int8 x int8 -> int32 products, and "
         "the time of one forward on [1, 512] tokens relative to the float32 model.",
         "",
-        "| setting | tool | perplexity | vs fp32 | quantize s | threads | int8-path ppl | int8 forward vs fp32 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| setting | tool | perplexity | vs fp32 | quantize s | threads | int8-path ppl | int8 forward vs fp32 | measured (load avg) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     order = list(SETTINGS) + list(PEER_SETTINGS)
     for name in sorted(rows, key=lambda n: order.index(n) if n in order else len(order)):
@@ -194,7 +221,14 @@ def markdown(rows: dict[str, dict], meta: dict) -> str:
         i8_ppl = f"{i8['ppl']:.2f}" if i8 else "-"
         i8_t = f"{i8['forward_speedup_vs_fp32']:.2f}x faster" if i8 else "-"
         threads = r.get("threads", r.get("torch_threads", "-"))
-        lines.append(f"| {r['setting']} | {r['tool']} | {r['ppl']:.2f} | {d} | {r.get('quantize_s', r.get('quantize_seconds', 0)):.1f} | {threads} | {i8_ppl} | {i8_t} |")
+        setting = r["setting"]
+        if "float_column_share" in r:
+            setting += f" ({100 * r['float_column_share']:.1f}% of input columns in float)"
+        when = r.get("date", "-") + (f" ({r['load_avg']:.1f})" if "load_avg" in r else "")
+        lines.append(
+            f"| {setting} | {r['tool']} | {r['ppl']:.2f} | {d} | {r.get('quantize_s', r.get('quantize_seconds', 0)):.1f} | {threads} "
+            f"| {i8_ppl} | {i8_t} | {when} |"
+        )
     shapes = next((r["int8_path"]["linear_shapes"] for r in rows.values() if r.get("int8_path")), None)
     if shapes:
         lines += ["", "Per Linear shape (512 tokens, median of 10): float32 F.linear vs lowbit's int8 product, activation quantization included.", "",
@@ -237,6 +271,7 @@ def main() -> None:
         np.save(work / "calib.npy", calib.numpy())
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     for name in names:
+        load_avg = os.getloadavg()[0]
         if name in SETTINGS:
             res = subprocess.run([sys.executable, __file__, "--one", name, str(work), str(args.threads)], capture_output=True, text=True, cwd=ROOT, env=env)
             if res.returncode:
@@ -245,6 +280,7 @@ def main() -> None:
         else:
             row = run_peer(name, work, float32_folder("smollm2-135m"), env)
         row["date"] = time.strftime("%Y-%m-%d %H:%M")
+        row["load_avg"] = max(load_avg, os.getloadavg()[0])  # 1-minute load average before and after
         stored["rows"][name] = row
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(stored, indent=1))

@@ -4,14 +4,18 @@ In one run:
 1. write our F16 GGUF of smollm2-135m;
 2. llama.cpp (llama-cpp-python's llama_model_quantize) quantizes that F16 file to
    Q4_K_M, Q6_K and Q8_0;
-3. lowbit writes its own files from the float32 model: every preset, and Q4_K_M with an
-   imatrix collected on the protocol's calibration windows;
+3. lowbit writes its own files from the float32 model: every preset (lowbit's default
+   search: tensors without importance data get llama.cpp's importance-weighted search with
+   uniform importance), and Q4_K_M with an imatrix collected on the protocol's calibration
+   windows;
 4. llama.cpp computes the perplexity of every file with its own forward pass, and lowbit
    computes it on the same weights (the file loaded back with lowbit.load, i.e. dequantized
    by transformers' GGUF reader) under the same protocol and token windows; the two must
    agree to 2 decimals;
 5. GPTQ-fed files (lowbit.export.gguf_gptq: block scales from the imatrix-weighted search,
-   codes chosen by GPTQ on that grid) for the presets in --gptq;
+   codes chosen by GPTQ on that grid) for the presets in --gptq, and files written from a
+   smoothed model (SmoothQuant's migration, `lowbit export gguf --smooth`) for OURS_SMOOTH
+   (``--extend`` adds just these to an earlier run);
 6. print a table: file size, bits per weight (from the file's tensor data), quantization
    time, both perplexities, and lowbit's KL divergence to float32; with --markdown, write
    it into BENCHMARKS.md between <!-- gguf:begin --> and <!-- gguf:end -->
@@ -50,8 +54,9 @@ DEFAULT_PEER_PYTHON = Path.home() / ".cache" / "lowbit-peers" / "llamacpp" / "bi
 
 OURS = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q2_K"]
 OURS_IMATRIX = ["Q4_K_M"]
-OURS_GPTQ = ["Q4_K_M", "Q3_K_M"]
+OURS_GPTQ = ["Q4_K_M", "Q6_K", "Q8_0", "Q3_K_M"]
 THEIRS = ["Q8_0", "Q6_K", "Q4_K_M"]
+OURS_SMOOTH = [("Q8_0", 0.7), ("Q6_K", 0.7)]  # (preset, SmoothQuant alpha) written from a smoothed model
 
 
 def peer(python: Path, *args: str) -> dict:
@@ -140,6 +145,8 @@ def main() -> None:
     ap.add_argument("--ppl", nargs="*", help="measure perplexities of these files only (names without .gguf); others: size only")
     ap.add_argument("--measure-only", action="store_true", help="measure the files of an earlier run (WORKDIR/generated.json)")
     ap.add_argument("--resume", action="store_true", help="keep rows already measured (WORKDIR/rows-measured.json)")
+    ap.add_argument("--extend", action="store_true",
+                    help="add the smoothed files (OURS_SMOOTH) to an earlier run's WORKDIR and measure them (implies --resume)")
     args = ap.parse_args()
     if args.markdown_only:
         write_section("gguf", markdown(json.loads(RESULTS.read_text())))
@@ -153,7 +160,7 @@ def main() -> None:
 
     import lowbit
 
-    if args.measure_only:
+    if args.measure_only or args.extend:
         model, tok, info = lowbit.load("smollm2-135m")
         protocol = lowbit.Protocol()
         evals, _ = lowbit.prepare_windows(tok, protocol)
@@ -161,6 +168,15 @@ def main() -> None:
         del model
         state = json.loads((args.workdir / "generated.json").read_text())
         state["fp32_ppl"] = fp.ppl
+        if args.extend:
+            args.resume = True
+            _, calib = lowbit.prepare_windows(tok, protocol)
+            new = [{**r, "path": str(r["path"])} for r in smoothed_rows(args.workdir, calib)]
+            names = {r["file"] for r in new}
+            state["rows"] = [r for r in state["rows"] if r["file"] not in names] + new
+            state["note"] = ("the smoothed rows (+smooth) were written and measured by a later invocation "
+                             f"(`--extend`, {args.threads} thread(s)) on the same files and windows")
+            (args.workdir / "generated.json").write_text(json.dumps(state, indent=1))
         measure(args, state, evals, protocol, ref)
         return
     from lowbit.calibration.imatrix import collect_imatrix
@@ -237,10 +253,12 @@ def main() -> None:
         path = work / f"lowbit-{t}+GPTQ.gguf"
         out = export_gguf(model, tok, path, t, source=info["source"], prequantized=res.raw)
         rows.append({"file": path.name, "by": "lowbit", "preset": f"{t}+GPTQ", "quantize_s": gptq_s[t] + out.seconds, "path": path})
+    rows += smoothed_rows(work, calib)
     model, tok, info = lowbit.load("smollm2-135m")
 
-    # Same input, same bytes? Quantize the F16-rounded weights llama.cpp started from and
-    # compare every tensor with llama.cpp's file.
+    # Same input, same bytes? Quantize the F16-rounded weights llama.cpp started from with
+    # llama.cpp's own search (export_gguf's search="llama.cpp") and compare every tensor
+    # with llama.cpp's file.
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.half().float())
@@ -248,7 +266,7 @@ def main() -> None:
     for t, imx in [("Q4_K_M", None), ("Q8_0", None), ("Q6_K", None), ("Q4_K_M", imat)]:
         label = t + ("+imatrix" if imx is not None else "")
         mine = work / f"lowbit-from-f16-{label}.gguf"
-        export_gguf(model, tok, mine, t, imatrix=imx, source=info["source"])
+        export_gguf(model, tok, mine, t, imatrix=imx, source=info["source"], search="llama.cpp")
         identical[label] = same_tensors(mine, work / f"llamacpp-{label}.gguf")
         mine.unlink()
         print(f"from F16, {label}: {identical[label]}", flush=True)
@@ -258,11 +276,32 @@ def main() -> None:
         "fp32_ppl": fp.ppl,
         "imatrix_seconds": imatrix_s,
         "imatrix_tokens": int(calib.numel()),
+        "threads": args.threads,
         "byte_identical_to_llamacpp_from_f16": identical,
         "layout_same_as_llamacpp": layouts,
     }
     (work / "generated.json").write_text(json.dumps(state, indent=1))
     measure(args, state, evals, protocol, ref)
+
+
+def smoothed_rows(work: Path, calib) -> list[dict]:
+    """Files of OURS_SMOOTH: SmoothQuant's migration (lowbit.algorithms.smoothquant.
+    smooth_model, as `lowbit export gguf --smooth`) on the float model, then the preset."""
+    import lowbit
+    from lowbit.algorithms.smoothquant import smooth_model
+    from lowbit.export.gguf_writer import export_gguf
+
+    rows = []
+    for t, alpha in OURS_SMOOTH:
+        model, tok, info = lowbit.load("smollm2-135m")
+        start = time.perf_counter()
+        smooth_model(model, calib, alpha)
+        smooth_s = time.perf_counter() - start
+        path = work / f"lowbit-{t}+smooth{alpha:g}.gguf"
+        res = export_gguf(model, tok, path, t, source=info["source"])
+        rows.append({"file": path.name, "by": "lowbit", "preset": f"{t}+smooth{alpha:g}", "quantize_s": smooth_s + res.seconds, "path": path})
+        print(f"lowbit {t} smoothed (alpha {alpha:g}): {smooth_s:.1f} s smoothing", flush=True)
+    return rows
 
 
 def measure(args, state: dict, evals, protocol, ref) -> None:
@@ -299,7 +338,7 @@ def measure(args, state: dict, evals, protocol, ref) -> None:
         "fp32_ppl": state["fp32_ppl"],
         "imatrix_seconds": state["imatrix_seconds"],
         "imatrix_tokens": state["imatrix_tokens"],
-        "threads": args.threads,
+        "threads": state.get("threads", args.threads),  # the generating run's
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "llama_cpp_python": measured[0]["llamacpp"].get("llama_cpp_python") if measured else None,
         "rows": rows,
@@ -333,7 +372,9 @@ def markdown(result: dict) -> str:
         f"{result.get('llama_cpp_python')}) and by lowbit (transformers' GGUF reader), and both compute the perplexity "
         "of the same 20 x 512-token windows; importance matrix and GPTQ use the 32 x 512 calibration windows "
         f"({result['imatrix_tokens']} tokens, disjoint from the evaluation text). llama.cpp's files are made by "
-        "`llama_model_quantize` from lowbit's F16 file in the same run. Bits per weight: tensor bytes of the file "
+        "`llama_model_quantize` from lowbit's F16 file in the same run. lowbit's files use its default search (tensors "
+        "without importance data get llama.cpp's importance-weighted search with every column equally important; "
+        "llama.cpp itself rounds them plainly). Bits per weight: tensor bytes of the file "
         f"over its element count (all tensors). {result.get('threads', '?')} thread(s), "
         f"{result['machine']['platform']}.",
         "",
@@ -349,7 +390,8 @@ def markdown(result: dict) -> str:
     lines[-3:-3] = [
         "",
         "Rows with \"-\" were written and sized but not measured (`--ppl` picks the files to measure: about 3.5 min "
-        "each on one core). GPTQ rows' time is the GPTQ pass (calibration forward, Hessians, solves), file write excluded."
+        "each on one core). GPTQ rows' time is the GPTQ pass (calibration forward, Hessians, solves), file write excluded; "
+        "smoothed rows' time is the smoothing pass (8 calibration windows' statistics, block by block) plus quantization."
         + (f" Note: {result['note']}." if result.get("note") else ""),
     ]
     for r in rows:
@@ -392,7 +434,9 @@ def markdown(result: dict) -> str:
                 f"{ours['bytes']:,} vs {theirs['bytes']:,} bytes "
                 f"({'no larger' if ours['bytes'] <= theirs['bytes'] else 'LARGER'})"
             )
-    for preset, limit in (("Q8_0", 0.3), ("Q6_K", 1.0)):
+    smooth = {f"{t}+smooth{a:g}" for t, a in OURS_SMOOTH}
+    for preset, limit in [(p, lim) for base, lim in (("Q8_0", 0.3), ("Q6_K", 1.0))
+                          for p in [base, f"{base}+GPTQ", *sorted(x for x in smooth if x.startswith(base + "+"))]]:
         ours = by.get(("lowbit", preset))
         if ours:
             d = [100 * (ours[k]["ppl"] / fp - 1) for k in ("llamacpp", "lowbit")]
@@ -406,7 +450,7 @@ def markdown(result: dict) -> str:
             f"{k}: {v['same_type']}/{v['tensors']} the same" for k, v in lay.items()) + "."]
     ident = result.get("byte_identical_to_llamacpp_from_f16", {})
     if ident:
-        lines += ["", "Quantizing the same F16-rounded weights, lowbit's tensors against llama.cpp's: " + "; ".join(
+        lines += ["", "Quantizing the same F16-rounded weights with `search=\"llama.cpp\"`, lowbit's tensors against llama.cpp's: " + "; ".join(
             f"{k}: {v['same_bytes']}/{v['tensors']} byte-identical" for k, v in ident.items()) + "."]
     return "\n".join(lines)
 

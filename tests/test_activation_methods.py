@@ -79,6 +79,44 @@ def test_smoothquant_static_per_tensor_beats_unsmoothed(tiny_dir):
     assert errs["smoothquant"] < 0.5 * errs["rtn"], errs
 
 
+def test_smooth_model_keeps_the_function_and_helps_8bit_activation_blocks(tiny_dir):
+    """smooth_model (used by `lowbit export gguf --smooth`): float outputs unchanged, the
+    outlier channels moved into the weights, and rounding every Linear's input to 8-bit
+    blocks of 32 (llama.cpp's Q8_0 activations) costs less after smoothing."""
+    from lowbit.algorithms.smoothquant import smooth_model
+    from lowbit.evaluation.llamacpp import round_q8_0
+
+    vocab = len(lowbit.load(str(tiny_dir))[1])
+    ids = calib(vocab, n=2, length=40, seed=5)
+    windows = calib(vocab, n=4, length=40)
+
+    def q8_inputs(model):
+        hooks = [m.register_forward_pre_hook(lambda _m, a: (round_q8_0(a[0]),)) for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and ".layers." in n]
+        with torch.no_grad():
+            out = model(input_ids=ids).logits
+        for h in hooks:
+            h.remove()
+        return out
+
+    plain, _, _ = with_outliers(tiny_dir)
+    smoothed, _, _ = with_outliers(tiny_dir)
+    with torch.no_grad():
+        fp = plain(input_ids=ids).logits
+    records = smooth_model(smoothed, windows, alpha=0.7)
+    assert len(records) == 12  # q/k/v, gate/up and down (through up_proj) of both blocks
+    assert all(r["act_absmax_ratio_after"] < r["act_absmax_ratio_before"] for r in records.values())
+    with torch.no_grad():
+        torch.testing.assert_close(smoothed(input_ids=ids).logits, fp, rtol=1e-4, atol=1e-4)
+    hot = [float(m.model.layers[0].input_layernorm.weight.detach()[HOT].abs().max()) for m in (smoothed, plain)]
+    assert hot[0] < hot[1] / 4
+    assert rel_err(q8_inputs(smoothed), fp) < 0.7 * rel_err(q8_inputs(plain), fp)
+    with pytest.raises(LowbitError, match="alpha"):
+        smooth_model(smoothed, windows, alpha=1.5)
+    with pytest.raises(LowbitError, match="calibration windows"):
+        smooth_model(smoothed, None, alpha=0.5)
+
+
 def test_smoothquant_needs_an_activation_format_and_valid_alpha():
     with pytest.raises(LowbitError, match="activation format"):
         lowbit.make_algorithm(QuantConfig(method="smoothquant", weight=WeightSpec(bits=8, group_size=None)))

@@ -242,7 +242,43 @@ def test_writer_is_deterministic_and_uses_imatrix(kdir, tmp_path, cache, excerpt
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary left behind
 
 
+def test_default_search_is_weighted_and_beats_plain_rounding(kdir, tmp_path, cache):
+    """search="weighted" (default) quantizes tensors without importance data with uniform
+    importance; search="llama.cpp" with llama.cpp's plain reference. Same types and size,
+    and the weighted search's weights are closer to the model's in every quantized Linear
+    type of the preset."""
+    from lowbit.formats.gguf import quantize_tensor
+
+    model, tok, info = lowbit.load(str(kdir))
+    weighted = export_gguf(model, tok, tmp_path / "w.gguf", "Q4_K_M", source=info["source"])
+    plain = export_gguf(model, tok, tmp_path / "p.gguf", "Q4_K_M", source=info["source"], search="llama.cpp")
+    assert weighted.search == "weighted" and plain.search == "llama.cpp"
+    assert weighted.types == plain.types and weighted.file_bytes == plain.file_bytes
+    # one tensor against the codec called directly (ffn_down is not row-permuted)
+    w = model.model.layers[0].mlp.down_proj.weight.detach().numpy()
+    raw = {f.name: np.asarray(f.data) for f in GGUFReader(str(weighted.path)).tensors}
+    raw_plain = {f.name: np.asarray(f.data) for f in GGUFReader(str(plain.path)).tensors}
+    assert np.array_equal(raw["blk.0.ffn_down.weight"], quantize_tensor(w, T.Q4_K, np.ones(w.shape[1], np.float32)))
+    assert np.array_equal(raw_plain["blk.0.ffn_down.weight"], quantize_tensor(w, T.Q4_K, None))
+    # squared error per GGML type, summed over the tensors of that type
+    src = dict(model.named_parameters())
+    errs = {}
+    for label, path in (("weighted", weighted.path), ("plain", plain.path)):
+        got = dict(expected_model(model, path).named_parameters())
+        for hf, g in hf_to_gguf_names(model).items():
+            t = weighted.types[g]
+            if t not in ("F32", "F16"):
+                e = errs.setdefault(t, {"weighted": 0.0, "plain": 0.0})
+                e[label] += float(((got[hf] - src[hf]).detach() ** 2).sum())
+    assert set(errs) >= {"Q4_K", "Q6_K"}
+    for t, e in errs.items():
+        assert e["weighted"] < e["plain"], (t, e)
+    with pytest.raises(LowbitError, match="unknown search"):
+        export_gguf(model, tok, tmp_path / "x.gguf", "Q4_K_M", search="exhaustive")
+
+
 def test_imatrix_shape_positivity_and_value(kdir, cache, excerpt):
+
     from lowbit.calibration.imatrix import collect_imatrix
 
     model, tok, _ = lowbit.load(str(kdir))
@@ -368,7 +404,29 @@ def test_cli_export_gguf(kdir, tmp_path, cache):
     bad = _cli([str(kdir), "--type", "Q4_K_X", "-o", str(tmp_path / "x.gguf")])
     assert bad.exit_code == 2 and "unknown GGUF type 'Q4_K_X'" in bad.output
     bad = _cli([str(kdir), "--calib", "x.txt", "-o", str(tmp_path / "x.gguf")])
-    assert bad.exit_code == 2 and "--calib is only used with --imatrix or --gptq" in bad.output
+    assert bad.exit_code == 2 and "--calib is only used with --imatrix, --gptq or --smooth" in bad.output
+    bad = _cli([str(kdir), "--smooth", "1.5", "-o", str(tmp_path / "x.gguf")])
+    assert bad.exit_code == 2 and "--smooth (alpha) must be in (0, 1]" in bad.output
+    bad = _cli([str(kdir), "--search", "fast", "-o", str(tmp_path / "x.gguf")])
+    assert bad.exit_code == 2 and "--search must be one of weighted, llama.cpp" in bad.output
     bad = _cli([str(kdir), "--imatrix", "--gptq", "-o", str(tmp_path / "x.gguf")])
     assert bad.exit_code == 2 and "give --imatrix or --gptq, not both" in bad.output
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_cli_export_gguf_smoothed(kdir, tmp_path, cache, excerpt):
+    """--smooth: the file holds a smoothed model (norm weights changed), which computes
+    what the plain file's model computes, up to the rounding of the weights."""
+    text = tmp_path / "calib.txt"
+    text.write_text(excerpt * 2)  # 32 windows of 512 tokens
+    res = _cli([str(kdir), "--type", "F32", "--smooth", "0.7", "--calib", str(text), "-o", str(tmp_path / "s.gguf")])
+    assert res.exit_code == 0, res.output
+    assert "smoothing 0.7" in res.output
+    plain = _cli([str(kdir), "--type", "F32", "-o", str(tmp_path / "p.gguf")])
+    assert plain.exit_code == 0, plain.output
+    a, _, _ = lowbit.load(str(tmp_path / "s.gguf"))
+    b, tok, _ = lowbit.load(str(tmp_path / "p.gguf"))
+    assert not torch.equal(a.model.layers[0].input_layernorm.weight, b.model.layers[0].input_layernorm.weight)
+    ids = torch.tensor([tok("The history of the city began in the year")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-3, atol=1e-3)

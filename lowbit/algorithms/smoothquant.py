@@ -35,7 +35,7 @@ from ..config import WeightSpec
 from ..errors import LowbitError
 from ..formats.weights import QuantizedWeight, quantize_weight
 from ..models.arch import is_linear, scaling_pairs
-from ..runner import BlockContext
+from ..runner import BlockContext, run_blocks
 from .base import Algorithm, register
 from .smoothing import capture, checked_folding, fold_scales, spread_windows
 
@@ -89,31 +89,58 @@ class SmoothQuant(Algorithm):
         return True
 
     def transform_block(self, ctx: BlockContext) -> None:
-        pairs = [(p, ls) for p, ls in scaling_pairs(ctx.block) if self.options.fold_linear or not is_linear(ctx.block.get_submodule(p))]
-        if not pairs:
-            return
-        act_max: dict[str, torch.Tensor] = {}
-        # max|X_j| from a spread subset of the windows: a full extra pass per block would cost
-        # as much as the runner's own (which still calibrates the static scales on all of them)
-        windows = spread_windows(ctx.inputs.hidden.shape[0], self.options.stat_windows)
-        capture(ctx, [ls[0] for _, ls in pairs], lambda name, x: act_max.__setitem__(name, x.abs().amax(0).float()), windows)
-        linears = ctx.linears()
-        with checked_folding(ctx, "SmoothQuant smoothing"):
-            for prev, names in pairs:
-                a = act_max[names[0]]
-                s = smoothing_scales(a, weight_absmax([linears[n].weight for n in names]), self.options.alpha)
-                fold_scales(ctx.block, prev, names, s, ctx.prefix + ".")
-                for n in names:
-                    self._records[ctx.full_name(n)] = {
-                        "act_absmax_ratio_before": _outlier_ratio(a),
-                        "act_absmax_ratio_after": _outlier_ratio(a / s),
-                    }
+        o = self.options
+        self._records.update(smooth_block(ctx, o.alpha, o.fold_linear, o.stat_windows))
 
     def solve(self, name: str, module: nn.Module, spec: WeightSpec, stats: Any) -> QuantizedWeight:
         return quantize_weight(module.weight, spec, name=name)
 
     def layer_record(self, name: str, module: nn.Module, qweight: QuantizedWeight, stats: Any) -> dict:
         return self._records.pop(name, {})
+
+
+def smooth_block(ctx: BlockContext, alpha: float, fold_linear: bool, stat_windows: int) -> dict[str, dict]:
+    """SmoothQuant's migration for one block, in place: max|X_j| of each smoothed input
+    over ``stat_windows`` spread calibration windows, s = smoothing_scales(...), folded
+    into the previous operation and the Linears. Returns {full Linear name: record}."""
+    pairs = [(p, ls) for p, ls in scaling_pairs(ctx.block) if fold_linear or not is_linear(ctx.block.get_submodule(p))]
+    if not pairs:
+        return {}
+    act_max: dict[str, torch.Tensor] = {}
+    # max|X_j| from a spread subset of the windows: a full extra pass per block would cost
+    # as much as the runner's own (which still calibrates the static scales on all of them)
+    windows = spread_windows(ctx.inputs.hidden.shape[0], stat_windows)
+    capture(ctx, [ls[0] for _, ls in pairs], lambda name, x: act_max.__setitem__(name, x.abs().amax(0).float()), windows)
+    linears = ctx.linears()
+    records = {}
+    with checked_folding(ctx, "SmoothQuant smoothing"):
+        for prev, names in pairs:
+            a = act_max[names[0]]
+            s = smoothing_scales(a, weight_absmax([linears[n].weight for n in names]), alpha)
+            fold_scales(ctx.block, prev, names, s, ctx.prefix + ".")
+            for n in names:
+                records[ctx.full_name(n)] = {"act_absmax_ratio_before": _outlier_ratio(a), "act_absmax_ratio_after": _outlier_ratio(a / s)}
+    return records
+
+
+def smooth_model(model: nn.Module, windows: torch.Tensor, alpha: float, fold_linear: bool = True, stat_windows: int = 8,
+                 progress=None) -> dict[str, dict]:
+    """Apply SmoothQuant's migration to a float model, block by block, and nothing else:
+    the model computes the same function (up to float rounding), with activation outliers
+    moved into the weights. For files whose runtime rounds activations itself, as
+    llama.cpp's CPU kernels do (8-bit blocks of 32 or 256, see evaluation.llamacpp)."""
+    SmoothQuantOptions(alpha=alpha, fold_linear=fold_linear, stat_windows=stat_windows)  # validates
+    if windows is None or windows.numel() == 0:
+        raise LowbitError("smoothing needs calibration windows")
+    records: dict[str, dict] = {}
+
+    def one_block(ctx: BlockContext) -> torch.Tensor:
+        records.update(smooth_block(ctx, alpha, fold_linear, stat_windows))
+        return ctx.forward()
+
+    with torch.no_grad():
+        run_blocks(model, one_block, windows, progress=progress)
+    return records
 
 
 def _outlier_ratio(channel_absmax: torch.Tensor) -> float:

@@ -2,6 +2,7 @@
 
     lowbit export gguf smollm2-135m --type Q4_K_M --imatrix -o smollm2-q4_k_m.gguf
     lowbit export gguf smollm2-135m --type Q4_K_M --gptq -o smollm2-q4_k_m-gptq.gguf
+    lowbit export gguf smollm2-135m --type Q8_0 --smooth 0.7 -o smollm2-q8_0-smooth.gguf
 
 ``export_gguf`` is a plain typer command function; lowbit/cli/export.py registers it on
 its sub-app (``export_app.command("gguf")(export_gguf)``). Errors follow main.py's pattern
@@ -73,6 +74,25 @@ def export_gguf(
         Optional[Path],
         typer.Option("--save-imatrix", help="Also write the importance matrix in llama.cpp's imatrix GGUF format."),
     ] = None,
+    smooth: Annotated[
+        Optional[float],
+        typer.Option(
+            "--smooth",
+            help="SmoothQuant migration strength alpha in (0, 1]: before quantizing, move activation outliers into "
+            "the weights (s = max|x|^alpha / max|w|^(1-alpha) per input channel, folded into the norms and up_proj, "
+            "measured on the calibration windows). The float model is unchanged as a function; llama.cpp, which "
+            "rounds every Linear's input to 8 bits, then loses less. 0.7 is a good start (BENCHMARKS.md).",
+        ),
+    ] = None,
+    search: Annotated[
+        str,
+        typer.Option(
+            "--search",
+            help="Scales of tensors without importance data: 'weighted' searches them as llama.cpp does with an "
+            "imatrix, every column equally important (lower error, no data needed); 'llama.cpp' uses "
+            "llama-quantize's plain rounding (same bytes as llama.cpp from the same float16 weights).",
+        ),
+    ] = "weighted",
 ) -> None:
     """Write MODEL as a GGUF file (llama, qwen2, gemma3 text models) quantized by lowbit's GGML codecs."""
     import time
@@ -85,8 +105,12 @@ def export_gguf(
     from .main import out
 
     p = preset(type)  # an unknown type fails before anything is loaded
-    if calib is not None and not (imatrix or gptq):
-        raise LowbitError("--calib is only used with --imatrix or --gptq")
+    if search not in gguf_writer.SEARCHES:
+        raise LowbitError(f"--search must be one of {', '.join(gguf_writer.SEARCHES)}, got {search!r}")
+    if calib is not None and not (imatrix or gptq or smooth is not None):
+        raise LowbitError("--calib is only used with --imatrix, --gptq or --smooth")
+    if smooth is not None and not 0 < smooth <= 1:
+        raise LowbitError(f"--smooth (alpha) must be in (0, 1], got {smooth}")
     if imatrix and gptq:
         raise LowbitError("--gptq takes its importance from its own calibration pass; give --imatrix or --gptq, not both")
     if save_imatrix is not None and not imatrix:
@@ -97,18 +121,22 @@ def export_gguf(
     m, tok, info = api.load(model)
     gguf_writer.hf_to_gguf_names(m)  # an unsupported architecture fails before calibration
     imat = prequantized = None
-    if gptq and info.get("checkpoint"):
-        raise LowbitError(f"--gptq quantizes a float model, and {model} is a lowbit checkpoint (already quantized)")
+    for flag, on in (("--gptq", gptq), ("--smooth", smooth is not None)):
+        if on and info.get("checkpoint"):
+            raise LowbitError(f"{flag} works on a float model, and {model} is a lowbit checkpoint (already quantized)")
+    windows = api.prepare_windows(tok, Protocol(), calib=calib)[1] if (gptq or imatrix or smooth is not None) else None
+    if smooth is not None:  # first: the imatrix and GPTQ then see the smoothed model
+        from ..algorithms.smoothquant import smooth_model
+
+        smooth_model(m, windows, smooth, progress=api.progress_bar("smooth"))
     if gptq:
         from ..export.gguf_gptq import gptq_gguf
 
-        _, windows = api.prepare_windows(tok, Protocol(), calib=calib)
         types = gguf_writer.plan_types(m, p.name, imatrix=True)
         prequantized = gptq_gguf(m, windows, types, progress=api.progress_bar("GPTQ")).raw
     if imatrix:
         from ..calibration.imatrix import collect_imatrix
 
-        _, windows = api.prepare_windows(tok, Protocol(), calib=calib)
         imat = collect_imatrix(m, windows, progress=api.progress_bar("imatrix"))
         if save_imatrix is not None:
             from ..calibration.imatrix import save_imatrix as write_imatrix
@@ -118,12 +146,13 @@ def export_gguf(
             write_imatrix(save_imatrix, by_gguf, n_tokens=windows.numel(), chunk_size=windows.shape[1], dataset=calib or "wikipedia")
     result = gguf_writer.export_gguf(
         m, tok, output, p.name, imatrix=imat, source=info["source"], progress=api.progress_bar(f"quantize {p.name}"),
-        prequantized=prequantized,
+        prequantized=prequantized, search=search,
     )
     counts = ", ".join(f"{n} {t}" for t, n in sorted(result.type_counts.items(), key=lambda kv: -kv[1]))
     note = " (dequantized lowbit checkpoint)" if info.get("checkpoint") else ""
     out.print(
-        f"wrote {output}{note}: {p.name}{' + imatrix' if imat is not None else ''}{' + GPTQ' if gptq else ''}, {result.file_bytes:,} bytes, "
+        f"wrote {output}{note}: {p.name}{f' + smoothing {smooth:g}' if smooth is not None else ''}{' + imatrix' if imat is not None else ''}"
+        f"{' + GPTQ' if gptq else ''}, {result.file_bytes:,} bytes, "
         f"{result.bits_per_weight:.3f} bits per weight, tensors: {counts}; {time.perf_counter() - start:.1f} s",
         highlight=False,
         soft_wrap=True,

@@ -72,6 +72,7 @@ class GGUFExport:
     seconds: float  # quantization (all tensors), not counting the file write
     imatrix: bool = False
     type_counts: dict[str, int] = field(default_factory=dict)
+    search: str = "weighted"
 
     @property
     def bits_per_weight(self) -> float:
@@ -354,6 +355,9 @@ def _encode(arr: np.ndarray, ggml_type, importance, name: str):
         raise LowbitError(f"GGUF export: tensor {name}: {e}") from None
 
 
+SEARCHES = ("weighted", "llama.cpp")
+
+
 def _importance(imatrix: dict | None, hf_name: str, cols: int):
     if imatrix is None or not hf_name.endswith(".weight"):
         return None
@@ -388,10 +392,18 @@ def export_gguf(
     source: dict | None = None,
     progress=None,
     prequantized: dict | None = None,
+    search: str = "weighted",
 ) -> GGUFExport:
     """Write ``model`` to ``out`` as a GGUF file of preset ``type`` (Q4_K_M, Q8_0, F16, ...).
 
     imatrix: {Linear name: per-column mean of x^2} from collect_imatrix, or None.
+    search: how tensors without importance data (no imatrix, or one without an entry for
+    the tensor, like the embedding) choose their scales. "weighted" (default): the
+    importance-weighted search llama.cpp runs with an imatrix, with every column equally
+    important: less squared weight error than llama.cpp's plain rounding in every type
+    that has a search, data-free, at the same size (benchmarks/gguf_search.py).
+    "llama.cpp": llama.cpp's reference quantizers for those tensors, so a model exported
+    from the same float16 weights is byte-identical to llama-quantize's file.
     source: lowbit's info["source"]; a model that came from a GGUF gets that file's
     general.* and tokenizer.* metadata. A lowbit checkpoint exports its dequantized weights.
     prequantized: {HF weight name: (GGML type, uint8 bytes [rows, row_bytes])} written as
@@ -400,6 +412,8 @@ def export_gguf(
     """
     import gguf
 
+    if search not in SEARCHES:
+        raise LowbitError(f"GGUF export: unknown search {search!r} (choose from {', '.join(SEARCHES)})")
     p = preset(type)
     config = model.config
     spec = _arch(config)
@@ -442,7 +456,10 @@ def export_gguf(
             # GGML blocks run along rows, so permuting whole rows commutes with quantizing
             return np.ascontiguousarray(permute_rows(g, torch.from_numpy(np.asarray(raw))).numpy()), t, sources[hf][0]
         arr = prepared(hf) if arr is None else arr
-        data, raw_type = _encode(arr, types[g], _importance(imatrix, hf, arr.shape[-1]), hf or g)
+        importance = _importance(imatrix, hf, arr.shape[-1])
+        if importance is None and search == "weighted" and arr.ndim == 2:
+            importance = np.ones(arr.shape[-1], dtype=np.float32)
+        data, raw_type = _encode(arr, types[g], importance, hf or g)
         return data, raw_type, arr.shape
 
     out = Path(out)
@@ -490,4 +507,5 @@ def export_gguf(
         seconds=seconds,
         imatrix=imatrix is not None,
         type_counts=counts,
+        search=search,
     )
