@@ -163,14 +163,13 @@ def main() -> None:
     if args.measure_only or args.extend:
         model, tok, info = lowbit.load("smollm2-135m")
         protocol = lowbit.Protocol()
-        evals, _ = lowbit.prepare_windows(tok, protocol)
+        evals, calib = lowbit.prepare_windows(tok, protocol)
         ref, fp = lowbit.reference_for(model, info["source"]["fingerprint"], evals, protocol, progress=False)
         del model
         state = json.loads((args.workdir / "generated.json").read_text())
         state["fp32_ppl"] = fp.ppl
         if args.extend:
             args.resume = True
-            _, calib = lowbit.prepare_windows(tok, protocol)
             new = [{**r, "path": str(r["path"])} for r in smoothed_rows(args.workdir, calib)]
             names = {r["file"] for r in new}
             state["rows"] = [r for r in state["rows"] if r["file"] not in names] + new
@@ -434,16 +433,15 @@ def markdown(result: dict) -> str:
                 f"{ours['bytes']:,} vs {theirs['bytes']:,} bytes "
                 f"({'no larger' if ours['bytes'] <= theirs['bytes'] else 'LARGER'})"
             )
-    smooth = {f"{t}+smooth{a:g}" for t, a in OURS_SMOOTH}
-    for preset, limit in [(p, lim) for base, lim in (("Q8_0", 0.3), ("Q6_K", 1.0))
-                          for p in [base, f"{base}+GPTQ", *sorted(x for x in smooth if x.startswith(base + "+"))]]:
-        ours = by.get(("lowbit", preset))
-        if ours:
-            d = [100 * (ours[k]["ppl"] / fp - 1) for k in ("llamacpp", "lowbit")]
-            lines.append(
-                f"- {preset} (lowbit) vs fp32: {d[0]:+.2f}% in llama.cpp, {d[1]:+.2f}% in lowbit "
-                f"(target within {limit}%: {'met' if max(d) <= limit else 'met in lowbit only' if d[1] <= limit else 'not met'})"
-            )
+    for base, limit in (("Q8_0", 0.3), ("Q6_K", 1.0)):
+        for preset in [base, f"{base}+GPTQ", *(f"{t}+smooth{a:g}" for t, a in OURS_SMOOTH if t == base)]:
+            ours = by.get(("lowbit", preset))
+            if ours:
+                d = [100 * (ours[k]["ppl"] / fp - 1) for k in ("llamacpp", "lowbit")]
+                lines.append(
+                    f"- {preset} (lowbit) vs fp32: {d[0]:+.2f}% in llama.cpp, {d[1]:+.2f}% in lowbit "
+                    f"(target within {limit}%: {'met' if max(d) <= limit else 'met in lowbit only' if d[1] <= limit else 'not met'})"
+                )
     lay = result.get("layout_same_as_llamacpp", {})
     if lay:
         lines += ["", "Per-tensor types against llama.cpp's own file of the same preset: " + "; ".join(
