@@ -5,7 +5,7 @@ algorithms -> quantized model -> evaluation -> checkpoint / exporters.
 """
 
 from .api import QuantReport, evaluate_model, load, prepare_windows, quantize, reference_for, save
-from .algorithms import REGISTRY, make_algorithm
+from .algorithms import REGISTRY, make_algorithm, method_config
 from .calibration.data import Protocol
 from .config import ActSpec, QuantConfig, WeightSpec
 from .errors import LowbitError
@@ -29,6 +29,7 @@ __all__ = [
     "load",
     "load_checkpoint",
     "make_algorithm",
+    "method_config",
     "prepare_windows",
     "quantize",
     "reference_for",

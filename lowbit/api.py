@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -39,12 +40,23 @@ log = logging.getLogger(__name__)
 
 
 def progress_bar(desc: str, enabled: bool = True) -> Callable | None:
-    """A function that wraps an iterable in a tqdm bar labelled ``desc`` (None if disabled)."""
+    """A function that wraps an iterable in a progress display labelled ``desc`` (None if
+    disabled): a tqdm bar on a terminal; elsewhere (a log file, CI), where a bar's
+    carriage-return frames would pile up, one line when the stage ends, with its time."""
     if not enabled:
         return None
+    if not sys.stderr.isatty():
+        return lambda it: _stage_line(it, desc)
     from tqdm.auto import tqdm
 
     return lambda it: tqdm(it, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+
+
+def _stage_line(iterable, desc: str):
+    start, n = time.perf_counter(), 0
+    for n, item in enumerate(iterable, 1):
+        yield item
+    print(f"lowbit: {desc}: {n} steps in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 @dataclass

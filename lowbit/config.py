@@ -11,6 +11,8 @@ import dataclasses
 import fnmatch
 import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +27,88 @@ ACT_OBSERVERS = ("minmax", "percentile", "mse", "kl")
 # faster. auto: bf16 where the CPU has native bfloat16, else fp32; a quantized model's
 # stored config records which one ran.
 CALIB_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+NONE_WORDS = ("none",)
+
+
+def _parse_one(value: Any, kind: type, what: str) -> Any:
+    """``value`` as a ``kind`` (bool, int, float or str): strings are parsed, other values
+    checked. Booleans accept exactly true/false/yes/no/1/0; ints refuse 2.5 and True."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+            return BOOL_WORDS[value.strip().lower()]
+        raise LowbitError(f"{what} must be true or false (also yes/no, 1/0), got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise LowbitError(f"{what} must be an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                v = float(value.strip())
+            except ValueError:
+                v = None
+            if v is not None and math.isfinite(v):
+                return v
+        raise LowbitError(f"{what} must be a finite number, got {value!r}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise LowbitError(f"{what} must be a string, got {value!r}")
+    raise TypeError(f"unsupported field type {kind!r}")
+
+
+def parse_field(value: Any, annotation: Any, what: str) -> Any:
+    """``value`` converted to a dataclass field's declared type (``int``, ``float``,
+    ``bool``, ``str``, or one of them ``| None``); a one-line error naming ``what``."""
+    args = typing.get_args(annotation)
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        if value is None or (isinstance(value, str) and value.strip().lower() in NONE_WORDS):
+            return None
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) != 1:
+            raise TypeError(f"unsupported field type {annotation!r}")
+        annotation = kinds[0]
+    try:
+        return _parse_one(value, annotation, what)
+    except LowbitError as e:
+        if optional:
+            raise LowbitError(f"{e} (or none)") from None
+        raise
+
+
+def parse_fields(cls: type, values: dict[str, Any], what: str) -> dict[str, Any]:
+    """``values`` (strings from a command line, or already typed) converted to the field
+    types of dataclass ``cls``; unknown keys are an error listing the valid ones."""
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise LowbitError(f"{what} has no field {', '.join(unknown)} (valid: {', '.join(valid) or 'none'})")
+    return {k: parse_field(v, hints[k], f"{what} {k}") for k, v in values.items()}
+
+
+def check_pattern(pattern: Any, what: str) -> None:
+    """A layer-name pattern: fnmatch, or 're:REGEX' whose regular expression must compile."""
+    if not isinstance(pattern, str) or not pattern:
+        raise LowbitError(f"{what} pattern must be a non-empty string, got {pattern!r}")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as e:
+            raise LowbitError(f"{what} pattern {pattern!r} is not a valid regular expression ({e})") from None
 
 
 def _check_bits(bits: Any, what: str, lo: int = 2, hi: int = 8) -> None:
@@ -153,17 +237,21 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ignore", tuple(self.ignore))
+        for pattern in self.ignore:
+            check_pattern(pattern, "ignore")
         if self.calib_precision not in CALIB_PRECISIONS:
             raise LowbitError(f"calibration precision must be one of {', '.join(CALIB_PRECISIONS)}, got {self.calib_precision!r}")
         if self.weight is None and self.act is None:
             raise LowbitError("nothing to quantize: give a weight format, an activation format, or both")
         for pattern, fields in self.overrides.items():
+            check_pattern(pattern, "override")
             if not isinstance(fields, dict):
                 raise LowbitError(f"override {pattern!r} must map to a dict of weight fields")
-            unknown = set(fields) - {f.name for f in dataclasses.fields(WeightSpec)}
-            if unknown:
-                raise LowbitError(f"override {pattern!r} has unknown weight fields: {', '.join(sorted(unknown))}")
-            if self.weight is not None:
+        # values from a command line arrive as strings: typed once, here
+        typed = {p: parse_fields(WeightSpec, f, f"override {p!r}") for p, f in self.overrides.items()}
+        object.__setattr__(self, "overrides", typed)
+        if self.weight is not None:
+            for fields in typed.values():
                 dataclasses.replace(self.weight, **fields)  # validates eagerly
 
     def weight_spec_for(self, name: str) -> WeightSpec | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import REGISTRY, Algorithm, make_algorithm, register
+from .base import REGISTRY, Algorithm, algorithm_class, describe_options, make_algorithm, method_config, register
 
 _MODULES = ("rtn", "gptq", "awq", "smoothquant", "llm_int8", "zeroquant")
 
@@ -15,4 +15,4 @@ def load_all() -> None:
         importlib.import_module(f"{__name__}.{m}")
 
 
-__all__ = ["REGISTRY", "Algorithm", "load_all", "make_algorithm", "register"]
+__all__ = ["REGISTRY", "Algorithm", "algorithm_class", "describe_options", "load_all", "make_algorithm", "method_config", "register"]

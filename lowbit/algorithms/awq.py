@@ -48,7 +48,7 @@ from ..formats.integer import qparams_from_range, torch_dtype
 from ..formats.weights import QuantizedWeight, default_g_idx, grid_of, group_range, quantize_weight
 from ..models.arch import scaling_pairs
 from ..runner import BlockContext
-from .base import Algorithm, register
+from .base import Algorithm, option, register
 from .smoothing import capture, checked_folding, fold_scales, full_precision, spread_windows
 
 log = logging.getLogger(__name__)
@@ -212,13 +212,13 @@ def rel_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, den:
 
 @dataclass(frozen=True)
 class AWQOptions:
-    n_grid: int = 20  # alphas i / n_grid, i = 0 .. n_grid - 1
-    duo: bool = False  # s = mean|x|^a / w_mean^(1-a) instead of mean|x|^a (see awq_scales)
-    clip: bool = True
-    clip_grid: int = 20
-    max_shrink: float = 0.5
-    max_tokens: int = 4096  # calibration tokens sampled for the Gram matrices (0: all)
-    stat_windows: int = 8  # calibration windows the statistics pass runs on (0: all)
+    n_grid: int = option(20, "scale exponents alpha searched: i / n_grid for i = 0 .. n_grid - 1 (a positive integer)")
+    duo: bool = option(False, "scales mean|x|^a / mean|w|^(1-a) (AutoAWQ's duo_scaling) instead of the paper's mean|x|^a; true/false")
+    clip: bool = option(True, "search a clipping ratio per weight group after scaling (the paper's weight clipping); true/false")
+    clip_grid: int = option(20, "clipping ratios tried, from 1 down to 1 - max_shrink (a positive integer)")
+    max_shrink: float = option(0.5, "largest fraction of a group's range the clipping search may cut, in [0, 1)")
+    max_tokens: int = option(4096, "calibration tokens sampled for the Gram matrices the searches score with (0: all)")
+    stat_windows: int = option(8, "calibration windows (spread over the set) the statistics pass runs on (0: all)")
 
     def __post_init__(self) -> None:
         for k in ("n_grid", "clip_grid"):
@@ -246,6 +246,7 @@ class AWQ(Algorithm):
     name = "awq"
     summary = "AWQ: activation-aware per-channel scales (searched, folded into norms/linears) + clipping search, then RTN"
     Options = AWQOptions
+    defaults_source = "W4 asymmetric (zero point), a grid of 20 alphas, then the clipping search: the authors' llm-awq/AutoAWQ settings (group 64 here: SmolLM2's widths)"
 
     def __init__(self, config):
         super().__init__(config)
@@ -297,7 +298,7 @@ class AWQ(Algorithm):
         with checked_folding(ctx, "AWQ scaling") as check:
             for prev, names in scaling_pairs(ctx.block):
                 if len({leader[n] for n in names}) != 1 or any(n in col_scale for n in names):
-                    log.info("%s: %s do not read one input here; no AWQ scale for them", ctx.prefix, ", ".join(names))
+                    log.debug("%s: %s do not read one input here; no AWQ scale for them", ctx.prefix, ", ".join(names))
                     continue
                 scored = [n for n in names if specs[n] is not None]
                 if not scored:

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..calibration.observers import Observer, make_observer
-from ..config import QuantConfig, WeightSpec
+from ..config import ActSpec, QuantConfig, WeightSpec, parse_fields
 from ..errors import LowbitError
 from ..formats.activations import act_grid, fake_quantize_act
 from ..formats.integer import error_metrics
@@ -45,13 +45,47 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
     return cls
 
 
-def make_algorithm(config: QuantConfig) -> Algorithm:
+def algorithm_class(method: str) -> type[Algorithm]:
     from . import load_all
 
     load_all()
-    if config.method not in REGISTRY:
-        raise LowbitError(f"unknown method {config.method!r}; available: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[config.method](config)
+    if method not in REGISTRY:
+        raise LowbitError(f"unknown method {method!r}; available: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[method]
+
+
+def make_algorithm(config: QuantConfig) -> Algorithm:
+    return algorithm_class(config.method)(config)
+
+
+def method_config(
+    method: str,
+    weight: dict | None = None,
+    act: dict | bool | None = None,
+    *,
+    weights: bool = True,
+    **fields: Any,
+) -> QuantConfig:
+    """A QuantConfig for ``method`` in which everything the caller leaves unsaid is the
+    method's best-known setting (``Algorithm.default_weight`` / ``default_act``, as its
+    authors and reference code run it).
+
+    weight: WeightSpec fields given (others from the method's defaults); weights=False
+    keeps weights in float. act: False for no activation quantization; a dict of ActSpec
+    fields (with "bits": that format; without: the method's default activation format,
+    if it has one, with these fields changed); None: the method's default. ``fields``
+    go to QuantConfig (ignore, overrides, options, seed, calib_precision)."""
+    cls = algorithm_class(method)
+    wspec = None
+    if weights:
+        given = parse_fields(WeightSpec, dict(weight or {}), "weight format")
+        wspec = WeightSpec(**{**cls.default_weight, **given})
+    aspec = None
+    if act is not False:
+        act = dict(act or {})
+        if "bits" in act or cls.default_act is not None:
+            aspec = ActSpec(**{**(cls.default_act or {}), **parse_fields(ActSpec, act, "activation format")})
+    return QuantConfig(method=method, weight=wspec, act=aspec, **fields)
 
 
 @dataclass(frozen=True)
@@ -59,20 +93,38 @@ class NoOptions:
     pass
 
 
+def option(default: Any, help: str) -> Any:
+    """A field of a method's Options dataclass with the sentence `lowbit methods` shows:
+    what it does and its valid range."""
+    return field(default=default, metadata={"help": help})
+
+
+def describe_options(options_cls: type) -> list[tuple[str, Any, str]]:
+    """(name, default, help) of every option of a method."""
+    return [(f.name, f.default, f.metadata.get("help", "")) for f in dataclasses.fields(options_cls)]
+
+
 class Algorithm:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     needs_weights: ClassVar[bool] = True  # False: the method also quantizes activations only
+    # The formats the method's authors run it with: what method_config (and so the CLI)
+    # fills in where the user says nothing. default_act None: weights only.
+    default_weight: ClassVar[dict] = {"bits": 4, "group_size": 64, "symmetric": False}
+    default_act: ClassVar[dict | None] = None
+    defaults_source: ClassVar[str] = ""  # where those defaults come from (`lowbit methods`)
 
     def __init__(self, config: QuantConfig):
-        self.config = config
         valid = {f.name for f in dataclasses.fields(self.Options)}
         unknown = set(config.options) - valid
         if unknown:
             listed = ", ".join(sorted(valid)) or "none"
             raise LowbitError(f"method {self.name} has no option {', '.join(sorted(unknown))} (its options: {listed})")
-        self.options = self.Options(**config.options)
+        # command-line values arrive as strings: parsed by each option's declared type
+        typed = parse_fields(self.Options, dict(config.options), f"method {self.name} option")
+        self.config = dataclasses.replace(config, options=typed)
+        self.options = self.Options(**typed)
         if config.weight is None and self.needs_weights:
             raise LowbitError(f"method {self.name} quantizes weights: give a weight format")
 

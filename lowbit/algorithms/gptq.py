@@ -35,7 +35,7 @@ from ..config import WeightSpec
 from ..errors import LowbitError
 from ..formats.integer import torch_dtype
 from ..formats.weights import QuantizedWeight, default_g_idx, grid_of, qparams_for, quantize_weight
-from .base import Algorithm, register
+from .base import Algorithm, option, register
 
 log = logging.getLogger(__name__)
 
@@ -240,10 +240,10 @@ class GPTQOptions:
     loss in place (W3 g64: 68.3 against RTN's 72.5); the MSE clipping search
     (``--observer mse``) brings it to 43.9 (BENCHMARKS.md)."""
 
-    damp_percent: float = 0.01
-    block_size: int = 128
-    act_order: bool = True
-    static_groups: bool = False
+    damp_percent: float = option(0.01, "Hessian damping as a fraction of its mean diagonal, in (0, 1); raised tenfold while the Cholesky factorization fails")
+    block_size: int = option(128, "columns solved per lazy batch (a positive integer); changes speed, not the result beyond rounding")
+    act_order: bool = option(True, "solve columns by decreasing Hessian diagonal ('desc_act'); true/false")
+    static_groups: bool = option(False, "group scales fixed from the original weights before the solve (trivial g_idx, which compressed-tensors needs); false: scales taken as the solve reaches each group, along the solve order")
 
     def __post_init__(self) -> None:
         if not 0 < self.damp_percent < 1:
@@ -257,6 +257,7 @@ class GPTQ(Algorithm):
     name = "gptq"
     summary = "GPTQ: Hessian-weighted column-by-column rounding with error feedback (act-order, static groups, damping)"
     Options = GPTQOptions
+    defaults_source = "asymmetric weights, act-order, damping 0.01, lazy batches of 128: the reference code's (IST-DASLab/gptq) defaults"
 
     def __init__(self, config):
         super().__init__(config)
@@ -300,5 +301,5 @@ class GPTQ(Algorithm):
             "damp": damp,
             "dead_inputs": dead,
         }
-        log.info("%s: output error %.4f (RTN %.4f)", name, row["output_rel_error"], row["rtn_output_rel_error"])
+        log.debug("%s: output error %.4f (RTN %.4f)", name, row["output_rel_error"], row["rtn_output_rel_error"])
         return row

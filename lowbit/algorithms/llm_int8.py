@@ -30,12 +30,12 @@ from torch import nn
 from ..config import ActSpec, WeightSpec
 from ..errors import LowbitError
 from ..formats.weights import QuantizedWeight, quantize_weight
-from .base import Algorithm, register
+from .base import Algorithm, option, register
 
 
 @dataclass(frozen=True)
 class LLMInt8Options:
-    threshold: float | None = 6.0  # None: plain vector-wise int8, no decomposition
+    threshold: float | None = option(6.0, "input columns with any |x| above it run in float (a positive number; none: plain vector-wise int8)")
 
     def __post_init__(self) -> None:
         t = self.threshold
@@ -58,6 +58,8 @@ class LLMInt8(Algorithm):
     name = "llm-int8"
     summary = "LLM.int8(): vector-wise int8 weights and activations, outlier input columns (|x| > threshold) in float"
     Options = LLMInt8Options
+    default_weight = {"bits": 8, "group_size": None, "symmetric": True}
+    defaults_source = "int8 per weight row and per token, symmetric, outlier threshold 6.0: the paper's and bitsandbytes' settings"
 
     def __init__(self, config):
         super().__init__(config)
@@ -65,7 +67,7 @@ class LLMInt8(Algorithm):
         if w.group_size is not None or not w.symmetric:
             raise LowbitError("llm-int8 quantizes weights per output row, symmetric: use --group-size channel --sym")
         # the runner and the stored config both read self.config: it carries the ActSpec
-        self.config = dataclasses.replace(config, act=llm_int8_act(config.act, self.options.threshold))
+        self.config = dataclasses.replace(self.config, act=llm_int8_act(config.act, self.options.threshold))
 
     def solve(self, name: str, module: nn.Module, spec: WeightSpec, stats: Any) -> QuantizedWeight:
         return quantize_weight(module.weight, spec, name=name)

@@ -21,6 +21,7 @@ class RTN(Algorithm):
     name = "rtn"
     summary = "round-to-nearest weights (any bits/group size), optional W8A8 activation fake-quant"
     needs_weights = False
+    defaults_source = "W4 g64 asymmetric: the zero-point RTN baseline of the GPTQ and AWQ papers (30.09 on SmolLM2 against 32.41 symmetric)"
 
     def solve(self, name: str, module: nn.Module, spec: WeightSpec, stats: Any) -> QuantizedWeight:
         return quantize_weight(module.weight, spec, name=name)

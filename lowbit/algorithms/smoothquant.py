@@ -36,7 +36,7 @@ from ..errors import LowbitError
 from ..formats.weights import QuantizedWeight, quantize_weight
 from ..models.arch import is_linear, scaling_pairs
 from ..runner import BlockContext, run_blocks
-from .base import Algorithm, register
+from .base import Algorithm, option, register
 from .smoothing import capture, checked_folding, fold_scales, spread_windows
 
 
@@ -59,9 +59,9 @@ def weight_absmax(weights: list[torch.Tensor]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class SmoothQuantOptions:
-    alpha: float = 0.5
-    fold_linear: bool = False
-    stat_windows: int = 8  # calibration windows max|X| is taken over (spread; 0: all)
+    alpha: float = option(0.5, "migration strength in [0, 1]: s = max|x|^alpha / max|w|^(1-alpha)")
+    fold_linear: bool = option(False, "also smooth o_proj and down_proj inputs, folding s into v_proj and up_proj (not in the paper; helps static per-tensor activations); true/false")
+    stat_windows: int = option(8, "calibration windows (spread over the set) max|x| is taken over (0: all)")
 
     def __post_init__(self) -> None:
         a = self.alpha
@@ -77,6 +77,9 @@ class SmoothQuant(Algorithm):
     name = "smoothquant"
     summary = "SmoothQuant: migrate activation outliers into weights (s = max|X|^a / max|W|^(1-a), folded into norms), then W8A8"
     Options = SmoothQuantOptions
+    default_weight = {"bits": 8, "group_size": None, "symmetric": True}
+    default_act = {"bits": 8, "dynamic": True, "granularity": "token"}
+    defaults_source = "W8 per output channel, symmetric; A8 dynamic per token; alpha 0.5: the paper's reference fake-quant setting (activations asymmetric, measured better here)"
     needs_weights = False
 
     def __init__(self, config):

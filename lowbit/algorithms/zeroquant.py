@@ -43,7 +43,7 @@ from ..formats.activations import fake_quantize_act
 from ..formats.weights import QuantizedWeight, quantize_weight
 from ..nn.qlinear import set_submodule
 from ..runner import BlockContext
-from .base import Algorithm, register
+from .base import Algorithm, option, register
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +154,10 @@ def layerwise_distill(
 
 @dataclass(frozen=True)
 class ZeroQuantOptions:
-    lkd_steps: int = 20  # Adam steps of layer-wise distillation per block (0: none)
-    lkd_lr: float = 5e-5
-    lkd_windows: int = 4  # calibration windows distilled on (0: all)
-    lkd_batch: int = 1  # windows per step
+    lkd_steps: int = option(20, "Adam steps of layer-wise distillation per block (0: none)")
+    lkd_lr: float = option(5e-5, "distillation learning rate, in (0, 1)")
+    lkd_windows: int = option(4, "calibration windows distilled on (0: all)")
+    lkd_batch: int = option(1, "windows per distillation step (a positive integer)")
 
     def __post_init__(self) -> None:
         for k in ("lkd_steps", "lkd_windows"):
@@ -176,6 +176,9 @@ class ZeroQuant(Algorithm):
     name = "zeroquant"
     summary = "ZeroQuant: group-wise weights, token-wise dynamic activations, layer-wise knowledge distillation (LKD)"
     Options = ZeroQuantOptions
+    default_weight = {"bits": 8, "group_size": 64, "symmetric": True}
+    default_act = {"bits": 8, "dynamic": True, "granularity": "token"}
+    defaults_source = "W8 group-wise symmetric, A8 dynamic per token, layer-wise distillation: the paper's W8A8 (W4A8 with --bits 4)"
 
     def __init__(self, config):
         super().__init__(config)
@@ -205,7 +208,7 @@ class ZeroQuant(Algorithm):
         if not bool(torch.isfinite(hidden[idx]).all()):
             raise LowbitError(f"block {ctx.prefix}: its calibration inputs have NaN/inf values")
         res = layerwise_distill(ctx.block, hidden[idx], take_windows(ctx.inputs.kwargs, n, idx), specs, o.lkd_steps, o.lkd_lr, o.lkd_batch)
-        log.info("%s: LKD block output error %.4f -> %.4f%s", ctx.prefix, res.rel_error_before, res.rel_error_after, "" if res.kept else " (not kept)")
+        log.debug("%s: LKD block output error %.4f -> %.4f%s", ctx.prefix, res.rel_error_before, res.rel_error_after, "" if res.kept else " (not kept)")
         for name, (w, _) in specs.items():
             if w is not None:
                 self._records[ctx.full_name(name)] = {

@@ -49,59 +49,55 @@ def handle_errors(fn):
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="lowbit: %(message)s")
-    logging.getLogger("lowbit").setLevel(logging.INFO)
+    logging.basicConfig(level=logging.WARNING, format="lowbit: %(message)s")
+    # notes (a one-off conversion, damping raised) at INFO; per-layer and per-block lines
+    # at DEBUG, shown with -v
+    logging.getLogger("lowbit").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 # --- option parsing ---------------------------------------------------------------------
 
 
-def parse_group_size(text: str) -> int | None:
+def parse_group_size(text: str, what: str = "--group-size") -> int | None:
+    """A positive integer, or 'channel' (one group per output row: None)."""
     t = text.strip().lower()
-    if t in ("channel", "0", "-1", "none"):
+    if t == "channel":
         return None
     try:
         v = int(t)
     except ValueError:
-        raise LowbitError(f"--group-size must be a positive integer or 'channel', got {text!r}") from None
+        v = 0
     if v <= 0:
-        raise LowbitError(f"--group-size must be a positive integer or 'channel', got {text!r}")
+        raise LowbitError(f"{what} must be a positive integer or 'channel' (one scale per output row), got {text!r}")
     return v
 
 
-def _value(text: str):
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "channel"):
-        return None
-    return text
-
-
-def parse_assignments(items: list[str], what: str) -> dict:
-    """['a=1', 'b=x'] -> {'a': 1, 'b': 'x'}."""
+def parse_assignments(items: list[str], what: str) -> dict[str, str]:
+    """['a=1', 'b=x'] -> {'a': '1', 'b': 'x'}: values stay strings, parsed later by the
+    declared type of the field they set (an option, a weight format field)."""
     result = {}
     for item in items:
         key, sep, val = item.partition("=")
         if not sep or not key.strip():
             raise LowbitError(f"{what} must look like key=value, got {item!r}")
-        result[key.strip().replace("-", "_")] = _value(val.strip())
+        result[key.strip().replace("-", "_")] = val.strip()
     return result
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """['*.down_proj:bits=8,group_size=128'] -> {'*.down_proj': {'bits': 8, 'group_size': 128}}."""
+    """['*.down_proj:bits=8,group_size=128'] -> {'*.down_proj': {'bits': '8', 'group_size': 128}}.
+
+    The pattern ends at the last ':' (field assignments hold none), so 're:' patterns and
+    regular expressions with colons work."""
     result = {}
     for item in items:
-        pattern, sep, rest = item.partition(":")
-        if not sep or not pattern:
+        pattern, sep, rest = item.rpartition(":")
+        if not sep or not pattern or not rest:
             raise LowbitError(f"--override must look like PATTERN:field=value[,field=value], got {item!r}")
-        result[pattern] = parse_assignments([p for p in rest.split(",") if p], "--override")
+        fields: dict = parse_assignments([p for p in rest.split(",") if p], "--override")
+        if "group_size" in fields:
+            fields["group_size"] = parse_group_size(fields["group_size"], f"--override {pattern!r} group_size")
+        result[pattern] = fields
     return result
 
 
@@ -120,15 +116,15 @@ def quantize(
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint folder to write (created; replaced only if it is a lowbit checkpoint).")],
     method: Annotated[str, typer.Option("--method", "-m", help="Algorithm; `lowbit methods` lists them.")] = "rtn",
-    bits: Annotated[int, typer.Option("--bits", "-b", help="Weight bits, 2 to 8.")] = 4,
-    group_size: Annotated[str, typer.Option("--group-size", "-g", help="Input columns per scale; 'channel' for one scale per output row. A size that does not divide a layer's width leaves the last group narrower (see --strict-groups).")] = "64",
-    asym: Annotated[bool, typer.Option("--asym/--sym", help="Asymmetric weights (zero point per group) or symmetric.")] = False,
+    bits: Annotated[Optional[int], typer.Option("--bits", "-b", help="Weight bits, 2 to 8. Default: the method's (4; 8 for smoothquant, llm-int8, zeroquant).", show_default=False)] = None,
+    group_size: Annotated[Optional[str], typer.Option("--group-size", "-g", help="Input columns per scale; 'channel' for one scale per output row. A size that does not divide a layer's width leaves the last group narrower (see --strict-groups). Default: the method's (64; channel for smoothquant and llm-int8).", show_default=False)] = None,
+    asym: Annotated[Optional[bool], typer.Option("--asym/--sym", help="Asymmetric weights (zero point per group) or symmetric. Default: the method's (asymmetric for rtn, gptq, awq; symmetric for smoothquant, llm-int8, zeroquant). `lowbit methods` lists every method's defaults.", show_default=False)] = None,
     restricted: Annotated[bool, typer.Option("--restricted", help="Symmetric grid without the most negative code (e.g. int8 in [-127, 127]).")] = False,
     observer: Annotated[str, typer.Option("--observer", help="Weight range: minmax, or mse (search the clipping ratio per group).")] = "minmax",
     scale_dtype: Annotated[str, typer.Option("--scale-dtype", help="Storage dtype of weight scales: float16, bfloat16, float32.")] = "float16",
     strict_groups: Annotated[bool, typer.Option("--strict-groups", help="Fail when the group size does not divide a layer's input width.")] = False,
     no_weights: Annotated[bool, typer.Option("--no-weights", help="Keep weights in float32 and quantize only activations (needs --act-bits).")] = False,
-    act_bits: Annotated[int, typer.Option("--act-bits", help="Activation bits for the input of every quantized Linear; 0 leaves activations in float.")] = 0,
+    act_bits: Annotated[Optional[int], typer.Option("--act-bits", help="Activation bits for the input of every quantized Linear; 0 leaves activations in float. Default: the method's (8 for smoothquant, llm-int8, zeroquant; float for the others).", show_default=False)] = None,
     act: Annotated[str, typer.Option("--act", help="Activation scales: 'dynamic' (computed per input at run time) or 'static' (fixed from calibration data).")] = "dynamic",
     act_granularity: Annotated[str, typer.Option("--act-granularity", help="Dynamic scales per token or per tensor (static scales are always per tensor).")] = "token",
     act_observer: Annotated[str, typer.Option("--act-observer", help="Static range calibration: minmax, percentile, mse, kl.")] = "minmax",
@@ -153,21 +149,25 @@ def quantize(
     """Quantize MODEL and write a checkpoint. With --eval (the default) the original and the quantized model are also measured under the fixed protocol (perplexity, KL, top-1 agreement), and eval.json, report.json and layers.png are saved in the checkpoint folder."""
     from .. import api
     from ..calibration.data import Protocol
-    from ..config import ActSpec, QuantConfig, WeightSpec
+    from ..algorithms import method_config
     from ..evaluation.plots import plot_layer_errors
 
-    weight = None if no_weights else WeightSpec(
-        bits=bits, group_size=parse_group_size(group_size), symmetric=not asym, restricted=restricted,
-        observer=observer, scale_dtype=scale_dtype, strict_groups=strict_groups,
-    )
+    # what the user said; method_config fills the rest with the method's own defaults
+    weight = {"restricted": restricted, "observer": observer, "scale_dtype": scale_dtype, "strict_groups": strict_groups}
+    for key, given in (("bits", bits), ("symmetric", None if asym is None else not asym),
+                       ("group_size", None if group_size is None else parse_group_size(group_size))):
+        if given is not None or (key == "group_size" and group_size is not None):
+            weight[key] = given
     if act not in ("dynamic", "static"):
         raise LowbitError(f"--act must be dynamic or static, got {act!r}")
-    aspec = None
-    if act_bits:
-        aspec = ActSpec(bits=act_bits, dynamic=act == "dynamic", granularity="tensor" if act == "static" else act_granularity,
-                        symmetric=not act_asym, group_size=act_group_size or None, observer=act_observer, percentile=percentile)
-    config = QuantConfig(method=method, weight=weight, act=aspec, ignore=tuple(ignore), overrides=parse_overrides(override),
-                         options=parse_assignments(option, "--option"), seed=seed, calib_precision=calib_precision)
+    aspec: dict | bool = False
+    if act_bits != 0:
+        aspec = {"dynamic": act == "dynamic", "granularity": "tensor" if act == "static" else act_granularity,
+                 "symmetric": not act_asym, "group_size": act_group_size or None, "observer": act_observer, "percentile": percentile}
+        if act_bits is not None:
+            aspec["bits"] = act_bits
+    config = method_config(method, weight, aspec, weights=not no_weights, ignore=tuple(ignore), overrides=parse_overrides(override),
+                           options=parse_assignments(option, "--option"), seed=seed, calib_precision=calib_precision)
     protocol = Protocol(seq_len=seq_len, n_windows=windows, n_calib=n_calib, calib_len=calib_len, bos=bos)
     api.make_algorithm(config)  # validate method and options before the slow part
 
@@ -316,22 +316,32 @@ def memory(
     out.print(t)
 
 
-@app.command()
-def methods() -> None:
-    """List the quantization methods and their options."""
-    import dataclasses
+def _option_value(v) -> str:
+    return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
-    from ..algorithms import REGISTRY, load_all
+
+@app.command()
+@handle_errors
+def methods(
+    method: Annotated[Optional[str], typer.Argument(help="Show only this method.")] = None,
+) -> None:
+    """List the quantization methods: what each does, its default formats (used where
+    --bits, --group-size, --asym/--sym, --act-bits are not given) and its options."""
+    from ..algorithms import REGISTRY, algorithm_class, describe_options, load_all, make_algorithm, method_config
 
     load_all()
-    t = Table(header_style="bold")
-    t.add_column("method")
-    t.add_column("what it does")
-    t.add_column("options (--option key=value)")
-    for name, cls in sorted(REGISTRY.items()):
-        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Options)) or "-"
-        t.add_row(name, cls.summary, opts)
-    out.print(t)
+    names = sorted(REGISTRY) if method is None else [algorithm_class(method).name]
+    for name in names:
+        cls = REGISTRY[name]
+        defaults = make_algorithm(method_config(name)).config.describe().removeprefix(name).strip()
+        out.print(f"[bold]{name}[/]: {cls.summary}", highlight=False, soft_wrap=True)
+        out.print(f"  defaults: {defaults}" + (f" ({cls.defaults_source})" if cls.defaults_source else ""), highlight=False, soft_wrap=True)
+        opts = describe_options(cls.Options)
+        if not opts:
+            out.print("  options: none", highlight=False)
+        for key, default, text in opts:
+            out.print(f"  --option {key}={_option_value(default)}  {text}", highlight=False, soft_wrap=True)
+        out.print()
 
 
 def _add_subcommands() -> None:

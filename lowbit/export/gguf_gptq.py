@@ -88,7 +88,7 @@ def gptq_gguf(model: torch.nn.Module, windows: torch.Tensor, types: dict, damp_p
                     "output_rel_error": output_error(Wt, torch.from_numpy(deq), h.H),
                     "rtn_output_rel_error": output_error(Wt, torch.from_numpy(dequantize_tensor(raw0, t, W.shape)), h.H),
                 }
-                log.info("%s %s: output error %.4f (plain rounding %.4f)", full, t.name,
+                log.debug("%s %s: output error %.4f (plain rounding %.4f)", full, t.name,
                          result.records[full]["output_rel_error"], result.records[full]["rtn_output_rel_error"])
                 result.raw[f"{full}.weight"] = (t, raw)
                 with torch.no_grad():
