@@ -87,27 +87,41 @@ def _remove_stale(final: Path) -> None:
                 p.unlink()
 
 
+def _plain_modes(path: Path, umask: int) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the modes a plain ``mkdir`` or
+    ``open`` would: some writers (safetensors) create their files 0600 whatever the umask."""
+    paths = [path] if not path.is_dir() else [path, *path.rglob("*")]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling path to write to; rename it to ``final`` only if the block
     completes. On any error the temporary is removed and ``final`` is left untouched.
 
     The temporary folder is ``.{name}.{pid}-XXXX.tmp``; leftovers of dead processes for the
-    same name are removed first. The folder gets the mode a plain ``mkdir`` would give
-    (0777 minus the umask), not mkdtemp's 0700. An OS error (read-only or full disk, a
-    parent that is a file) becomes a LowbitError naming ``final``."""
+    same name are removed first. What is written gets the modes a plain ``mkdir``/``open``
+    would give (0777/0666 minus the umask), not mkdtemp's 0700 or safetensors' 0600. An OS
+    error (read-only or full disk, a parent that is a file) becomes a LowbitError naming
+    ``final``."""
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}-", suffix=".tmp", dir=final.parent))
-        os.chmod(tmp, 0o777 & ~_umask())
+        umask = _umask()
+        os.chmod(tmp, 0o777 & ~umask)
     except OSError as e:
         raise LowbitError(f"cannot write {final}: {e.strerror or e}") from None
     target = tmp if is_dir else tmp / final.name
     try:
         try:
             yield target
+            if target.exists():
+                _plain_modes(target, umask)
             if is_dir:
                 if final.exists():
                     shutil.rmtree(final)
