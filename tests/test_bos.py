@@ -97,3 +97,55 @@ def test_eval_header_names_the_choice(folders, cache, excerpt, tmp_path):
     assert "BOS: added to each window (tokenizer adds it)" in r.stdout
     r = run("eval", folders["gemma3_text"][1], "--data", text, "--windows", "1", "--seq-len", "32", "-q", "--bos", "never")
     assert "BOS: none (--bos never)" in r.stdout
+
+
+def _as_sentencepiece_gguf(src, dst, n_vocab: int, add_bos: bool):
+    """``src`` (a lowbit-written gemma3 GGUF, BPE vocabulary) rewritten with a
+    SentencePiece ("llama") vocabulary, as Gemma's own GGUFs have: the path transformers
+    converts with its Gemma tokenizer."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    r = GGUFReader(str(src))
+    w = GGUFWriter(str(dst), "gemma3")
+    for k, f in r.fields.items():
+        if k.startswith(("tokenizer.", "GGUF.")) or k == "general.architecture" or f.types[0] == GGUFValueType.ARRAY:
+            continue
+        if f.types[0] == GGUFValueType.STRING:
+            w.add_string(k, f.parts[f.data[0]].tobytes().decode())
+        else:
+            w.add_key_value(k, f.parts[f.data[0]][0], f.types[0])
+    vocab = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + ["\u2581"]
+    vocab += [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab += [f"x{i}" for i in range(n_vocab - len(vocab))]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(vocab)
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(n_vocab - 259)])
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (n_vocab - 259))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(add_bos)
+    w.add_add_eos_token(False)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_sentencepiece_gemma_gguf(folders, cache, tmp_path, add_bos):
+    """The reported case (a Gemma GGUF): after the float32 cache is saved and reloaded, the
+    tokenizer still adds BOS but its add_bos_token attribute reads False."""
+    src = folders["gemma3_text"][1]
+    from gguf import GGUFReader
+
+    n_vocab = len(GGUFReader(str(src)).fields["tokenizer.ggml.tokens"].data)
+    dst = tmp_path / "gemma-spm.gguf"
+    _as_sentencepiece_gguf(src, dst, n_vocab, add_bos)
+    _, tok, _ = lowbit.load(str(dst))
+    assert (tok("a b")["input_ids"][0] == 1) is add_bos
+    assert bos_id_for(tok, Protocol()) == (1 if add_bos else None)
