@@ -29,6 +29,7 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> None:
     """Fail now, in one line naming ``path``, if it could not be written later: a command
     calls this before its slow part, so a bad ``-o`` costs nothing. The nearest existing
     ancestor must be a folder this process may write to and enter."""
+    given = path
     path = Path(path).expanduser().absolute()
     parent = path.parent
     while not parent.exists():
@@ -36,9 +37,9 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> None:
             break
         parent = parent.parent
     if not parent.is_dir():
-        raise LowbitError(f"cannot write {what} {path}: {parent} is not a folder")
+        raise LowbitError(f"cannot write {what} {given}: {parent} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise LowbitError(f"cannot write {what} {path}: folder {parent} is not writable")
+        raise LowbitError(f"cannot write {what} {given}: folder {parent} is not writable")
 
 
 def _umask() -> int:
