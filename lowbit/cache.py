@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import LowbitError
+
+log = logging.getLogger(__name__)
 
 
 def cache_dir(*parts: str) -> Path:
@@ -20,23 +25,116 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+def check_writable(path: str | os.PathLike, what: str = "output") -> None:
+    """Fail now, in one line naming ``path``, if it could not be written later: a command
+    calls this before its slow part, so a bad ``-o`` costs nothing. The nearest existing
+    ancestor must be a folder this process may write to and enter."""
+    given = path
+    path = Path(path).expanduser().absolute()
+    parent = path.parent
+    while not parent.exists():
+        if parent == parent.parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LowbitError(f"cannot write {what} {given}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LowbitError(f"cannot write {what} {given}: folder {parent} is not writable")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc tells it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale(final: Path) -> None:
+    """Remove temporaries ``.{name}.{pid}-XXXX.tmp`` left beside ``final`` by processes that
+    died before renaming them (SIGKILL, power loss). A live process's are left alone."""
+    prefix = f".{final.name}."
+    try:
+        siblings = list(final.parent.iterdir())
+    except OSError:
+        return
+    for p in siblings:
+        name = p.name
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid, sep, _ = name[len(prefix) : -len(".tmp")].partition("-")
+        if not sep or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        log.info("removing %s, left by process %s that did not finish", p, pid)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def _plain_modes(path: Path, umask: int) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the modes a plain ``mkdir`` or
+    ``open`` would: some writers (safetensors) create their files 0600 whatever the umask."""
+    paths = [path] if not path.is_dir() else [path, *path.rglob("*")]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling path to write to; rename it to ``final`` only if the block
-    completes. On any error the temporary is removed and ``final`` is left untouched."""
+    completes. On any error the temporary is removed and ``final`` is left untouched.
+
+    The temporary folder is ``.{name}.{pid}-XXXX.tmp``; leftovers of dead processes for the
+    same name are removed first. What is written gets the modes a plain ``mkdir``/``open``
+    would give (0777/0666 minus the umask), not mkdtemp's 0700 or safetensors' 0600. An OS
+    error (read-only or full disk, a parent that is a file) becomes a LowbitError naming
+    ``final``."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}-", suffix=".tmp", dir=final.parent))
+        umask = _umask()
+        os.chmod(tmp, 0o777 & ~umask)
+    except OSError as e:
+        raise LowbitError(f"cannot write {final}: {e.strerror or e}") from None
     target = tmp if is_dir else tmp / final.name
     try:
-        yield target
-        if is_dir:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        else:
-            os.replace(target, final)
-            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            yield target
+            if target.exists():
+                _plain_modes(target, umask)
+            if is_dir:
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            else:
+                os.replace(target, final)
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as e:
+            where = str(e.filename or "")
+            if where and not where.startswith((str(tmp), str(final))):
+                raise  # not about the output (e.g. an input file the block reads)
+            raise LowbitError(f"cannot write {final}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

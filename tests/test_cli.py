@@ -12,6 +12,7 @@ from lowbit.cli import app
 from tests.conftest import EXCERPT
 
 runner = CliRunner()
+FIT = ["--seq-len", "64", "--calib-len", "32"]  # the tiny model has 256 positions; the defaults (512) are refused
 SMALL = ["--data", str(EXCERPT), "--windows", "2", "--seq-len", "64", "--n-calib", "2", "--calib-len", "32", "-q"]
 
 
@@ -79,12 +80,12 @@ def test_methods_command():
         (["quantize", "no/such/model.gguf", "-o", "{out}"], ["model path no/such/model.gguf does not exist"]),
         (["quantize", "{tiny}", "-b", "9", "-o", "{out}"], ["weight bits must be an integer from 2 to 8, got 9"]),
         (["quantize", "{tiny}", "-g", "0x", "-o", "{out}"], ["--group-size"]),
-        (["quantize", "{tiny}", "-g", "64", "--strict-groups", "--no-eval", "-o", "{out}"], ["does not divide the input width 96", "model.layers.0"]),
-        (["quantize", "{tiny}", "-g", "256", "--no-eval", "-o", "{out}"], ["group size 256 is larger than the input width 96"]),
+        (["quantize", "{tiny}", "-g", "64", "--strict-groups", "--no-eval", "-o", "{out}", *FIT], ["does not divide the input width 96", "model.layers.0"]),
+        (["quantize", "{tiny}", "-g", "256", "--no-eval", "-o", "{out}", *FIT], ["group size 256 is larger than the input width 96"]),
         (["quantize", "{tiny}", "-m", "magic", "-o", "{out}"], ["unknown method 'magic'"]),
         (["quantize", "{tiny}", "--option", "x=1", "-o", "{out}"], ["method rtn has no option x"]),
-        (["quantize", "{tiny}", "--data", "{empty}", "-o", "{out}"], ["is empty"]),
-        (["quantize", "{tiny}", "--data", "{short}", "-o", "{out}"], ["short.txt is too short"]),
+        (["quantize", "{tiny}", "--data", "{empty}", "-o", "{out}", *FIT], ["is empty"]),
+        (["quantize", "{tiny}", "--data", "{short}", "-o", "{out}", *FIT], ["short.txt is too short"]),
         (["quantize", "{badgguf}", "-o", "{out}"], ["is not a readable GGUF file"]),
         (["quantize", "{nan}", "-o", "{out}"], ["has 1 NaN/inf values"]),
         (["quantize", "{pickle}", "-o", "{out}"], ["does not load pickled"]),

@@ -45,18 +45,55 @@ class Protocol:
         return {"name": "lowbit-ppl-v1", **asdict(self)}
 
 
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS before its inputs, judged by what it does
+    (``tokenizer("a")`` with its default special tokens), or by ``add_bos_token``."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    try:
+        ids = tokenizer("a")["input_ids"]
+    except Exception:  # an unusual tokenizer: fall back to what it declares
+        ids = []
+    if len(ids) > 0 and int(ids[0]) == int(bos):
+        return True
+    return bool(getattr(tokenizer, "add_bos_token", False))
+
+
 def bos_id_for(tokenizer, protocol: Protocol) -> int | None:
     """The BOS id to put at the start of each window, or None."""
     if protocol.bos == "never":
         return None
-    adds = bool(getattr(tokenizer, "add_bos_token", False))
-    if protocol.bos == "auto" and not adds:
+    if protocol.bos == "auto" and not tokenizer_adds_bos(tokenizer):
         return None
     if tokenizer.bos_token_id is None:
         if protocol.bos == "always":
             raise LowbitError("bos=always but the tokenizer has no BOS token")
         return None
     return int(tokenizer.bos_token_id)
+
+
+def bos_note(tokenizer, protocol: Protocol) -> str:
+    """One line for a run's header: whether windows start with BOS, and why."""
+    adds = bos_id_for(tokenizer, protocol) is not None
+    if protocol.bos == "auto":
+        why = "tokenizer adds it" if adds else "tokenizer does not add it"
+    else:
+        why = f"--bos {protocol.bos}"
+    return f"BOS: {'added to each window' if adds else 'none'} ({why})"
+
+
+def check_lengths(model, **lengths: int | None) -> None:
+    """Refuse window lengths beyond the model's positions (``seq_len=..., calib_len=...``,
+    named as their options), before a forward pass grows memory until the process dies."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return
+    for name, value in lengths.items():
+        if value is not None and value > limit:
+            raise LowbitError(
+                f"--{name.replace('_', '-')} {value} is longer than the model's {limit} positions (max_position_embeddings)"
+            )
 
 
 def _tokenizer_key(tokenizer) -> str:

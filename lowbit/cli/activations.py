@@ -41,7 +41,8 @@ def activations(
 ) -> None:
     """Per layer and input channel: max |x| and how often |x| exceeds the threshold (JSON and a plot)."""
     from .. import api
-    from ..calibration.data import Protocol, bos_id_for, calib_windows, tokenize
+    from ..cache import check_writable
+    from ..calibration.data import Protocol, bos_id_for, calib_windows, check_lengths, tokenize
     from ..calibration.text import read_text
     from ..errors import LowbitError
     from ..evaluation.activations import activation_report, save_activation_report
@@ -51,7 +52,9 @@ def activations(
         raise LowbitError(f"--windows must be at least 1 and --seq-len at least 2, got {windows} and {seq_len}")
     if not threshold > 0:
         raise LowbitError(f"--threshold must be positive, got {threshold}")
+    check_writable(output / "activations.json")
     m, tok, _ = api.load(model)
+    check_lengths(m, seq_len=seq_len)
     protocol = Protocol(n_calib=windows, calib_len=seq_len)
     source = calib or data
     ids = tokenize(tok, read_text(source))  # windows from the end of the text, as calibration takes them

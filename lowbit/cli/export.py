@@ -45,13 +45,15 @@ CheckpointArg = Annotated[str, typer.Argument(help="A lowbit checkpoint folder (
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder to write (created; an existing one is replaced only if it is an export of the same kind).")]
 
 
-def _load(checkpoint: str):
+def _load(checkpoint: str, output: Path):
     from .. import api
     from ..errors import LowbitError
+    from ..cache import check_writable
     from ..models.loader import is_lowbit_checkpoint
 
     if not is_lowbit_checkpoint(Path(checkpoint)):
         raise LowbitError(f"{checkpoint} is not a lowbit checkpoint folder; quantize the model first with `lowbit quantize`")
+    check_writable(output)
     model, tok, _ = api.load(checkpoint)
     return model, tok
 
@@ -62,7 +64,7 @@ def compressed_tensors(checkpoint: CheckpointArg, output: OutputOpt) -> None:
     """Write CHECKPOINT in compressed-tensors' pack-quantized format (transformers with compressed-tensors, vLLM)."""
     from ..export.compressed_tensors import export_compressed_tensors
 
-    model, tok = _load(checkpoint)
+    model, tok = _load(checkpoint, output)
     export_compressed_tensors(model, tok, output)
     _say(f"wrote {output}/ (compressed-tensors pack-quantized)")
 
@@ -77,7 +79,7 @@ def gptq(
     """Write CHECKPOINT in the GPTQ layout (qweight, qzeros, scales, g_idx)."""
     from ..export.gptq import export_gptq
 
-    model, tok = _load(checkpoint)
+    model, tok = _load(checkpoint, output)
     export_gptq(model, tok, output, checkpoint_format=format)
     _say(f"wrote {output}/ (GPTQ, checkpoint format {format})")
 
@@ -88,7 +90,7 @@ def awq(checkpoint: CheckpointArg, output: OutputOpt) -> None:
     """Write CHECKPOINT in the AWQ GEMM layout (qweight, qzeros, scales packed along the output)."""
     from ..export.awq import export_awq
 
-    model, tok = _load(checkpoint)
+    model, tok = _load(checkpoint, output)
     export_awq(model, tok, output)
     _say(f"wrote {output}/ (AWQ GEMM)")
 

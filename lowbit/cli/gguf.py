@@ -117,6 +117,11 @@ def export_gguf(
         raise LowbitError("--save-imatrix needs --imatrix")
     if output.is_dir():
         raise LowbitError(f"output {output} is a folder; give a file name such as model.gguf")
+    from ..cache import check_writable
+
+    check_writable(output)
+    if save_imatrix is not None:
+        check_writable(save_imatrix, "imatrix")
     start = time.perf_counter()
     m, tok, info = api.load(model)
     gguf_writer.hf_to_gguf_names(m)  # an unsupported architecture fails before calibration

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..cache import atomic_path, check_writable
 from ..errors import LowbitError
 
 app = typer.Typer(
@@ -148,8 +149,8 @@ def quantize(
 ) -> None:
     """Quantize MODEL and write a checkpoint. With --eval (the default) the original and the quantized model are also measured under the fixed protocol (perplexity, KL, top-1 agreement), and eval.json, report.json and layers.png are saved in the checkpoint folder."""
     from .. import api
-    from ..calibration.data import Protocol
     from ..algorithms import method_config
+    from ..calibration.data import Protocol, bos_note, check_lengths
     from ..evaluation.plots import plot_layer_errors
 
     # what the user said; method_config fills the rest with the method's own defaults
@@ -170,12 +171,15 @@ def quantize(
                            options=parse_assignments(option, "--option"), seed=seed, calib_precision=calib_precision)
     protocol = Protocol(seq_len=seq_len, n_windows=windows, n_calib=n_calib, calib_len=calib_len, bos=bos)
     api.make_algorithm(config)  # validate method and options before the slow part
+    check_writable(output)
 
     t0 = time.perf_counter()
     out.print(f"[bold]lowbit[/] {config.describe()} on {model}")
     m, tok, info = api.load(model)
     if info["checkpoint"] is not None:
         raise LowbitError(f"{model} is already a quantized lowbit checkpoint; quantize its source model instead")
+    check_lengths(m, seq_len=seq_len if evaluate else None, calib_len=calib_len)
+    out.print(bos_note(tok, protocol), highlight=False)
     source = info["source"]
     eval_w, calib_w = api.prepare_windows(tok, protocol, data, calib)
     results = {}
@@ -234,10 +238,14 @@ def eval_cmd(
 ) -> None:
     """Measure perplexity (and KL / top-1 agreement against the original) under the protocol."""
     from .. import api
-    from ..calibration.data import Protocol
+    from ..calibration.data import Protocol, bos_note, check_lengths
 
     protocol = Protocol(seq_len=seq_len, n_windows=windows, n_calib=1, calib_len=2, bos=bos)
+    if json_out is not None:
+        check_writable(json_out)
     m, tok, info = api.load(model)
+    check_lengths(m, seq_len=seq_len)
+    out.print(bos_note(tok, protocol), highlight=False)
     if kernel != "reference":
         from ..nn import set_kernel
 
@@ -261,8 +269,6 @@ def eval_cmd(
             line += f" (original perplexity {result['original']['ppl']:.3f})"
     out.print(line)
     if json_out is not None:
-        from ..cache import atomic_path
-
         with atomic_path(json_out) as tmp:
             tmp.write_text(json.dumps(result, indent=1))
 

@@ -323,7 +323,9 @@ def _write_hf_tokenizer(w, tokenizer, vocab_size: int, spec: ArchSpec) -> None:
         tid = getattr(tokenizer, f"{kind}_token_id", None)
         if tid is not None:
             getattr(w, f"add_{kind}_token_id")(int(tid))
-    w.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    from ..calibration.data import tokenizer_adds_bos
+
+    w.add_add_bos_token(tokenizer_adds_bos(tokenizer))  # what it does: the attribute can read False
     w.add_add_eos_token(bool(getattr(tokenizer, "add_eos_token", False)))
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str):

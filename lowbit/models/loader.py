@@ -144,6 +144,30 @@ def _load_hf(path: str, what: str):
     return model, tokenizer
 
 
+def gguf_add_bos(path: Path) -> bool | None:
+    """``tokenizer.ggml.add_bos_token`` of a GGUF file, or None where it is not stored.
+    transformers' GGUF tokenizer conversion drops it (a Gemma GGUF loads as a tokenizer
+    that adds no BOS), so lowbit reads it itself."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
+        return None if field is None else bool(field.parts[field.data[0]][0])
+    except Exception:  # unreadable files are reported by check_gguf
+        return None
+
+
+def _apply_add_bos(tokenizer, add_bos: bool | None, what: str) -> None:
+    """Make the tokenizer add BOS exactly when the GGUF says it should."""
+    from ..calibration.data import tokenizer_adds_bos
+
+    if add_bos is None or tokenizer.bos_token_id is None or tokenizer_adds_bos(tokenizer) == add_bos:
+        return
+    tokenizer.add_bos_token = add_bos
+    if tokenizer_adds_bos(tokenizer) != add_bos:
+        log.warning("%s: could not make the tokenizer %s BOS as the GGUF asks", what, "add" if add_bos else "drop")
+
+
 def _gguf_to_fp32_folder(gguf_path: Path, out: Path) -> None:
     """Dequantize a GGUF with transformers and save it as a float32 Hugging Face folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -156,6 +180,7 @@ def _gguf_to_fp32_folder(gguf_path: Path, out: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
     except Exception as e:  # transformers raises many kinds for unsupported or broken GGUFs
         raise LowbitError(f"transformers could not load GGUF {gguf_path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    _apply_add_bos(tokenizer, gguf_add_bos(gguf_path), str(gguf_path))
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -189,6 +214,7 @@ def load_model(spec: str):
     source = resolve(spec)
     if source.kind in ("embedded", "gguf"):
         model, tokenizer = _load_hf(str(float32_folder(spec)), "cached model")
+        _apply_add_bos(tokenizer, gguf_add_bos(Path(source.path)), spec)  # also for caches made before this was kept
     elif source.kind == "hf":
         if is_lowbit_checkpoint(Path(source.path)):
             raise LowbitError(f"{spec} is a lowbit checkpoint; load it with lowbit.load_checkpoint")
