@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/lowbit quantize smollm2-135m --method rtn --bits 4 --group-size 64 -o runs/smollm2-rtn-w4g64
+	$(BIN)/lowbit quantize smollm2-135m --method awq --bits 4 --compare rtn -o runs/smollm2-awq-w4
 
 test: setup loaders
 	$(BIN)/python -m pytest -q

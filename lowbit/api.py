@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -222,6 +223,34 @@ def reference_for_model(model, info: dict, windows: torch.Tensor, protocol: Prot
         del base
     ref = Reference(folder)
     return ref, EvalResult(**ref.meta["result"]), None
+
+
+def measure_copy(model, config: QuantConfig, calib: torch.Tensor | None, windows: torch.Tensor, protocol: Protocol,
+                 reference: Reference | None, progress: bool = True) -> dict:
+    """Quantize a copy of ``model`` under ``config`` and measure it, leaving ``model`` as it
+    is: a comparison row beside a main result (``lowbit quantize --compare rtn``)."""
+    twin = copy.deepcopy(model)
+    report = quantize(twin, config, calib, progress=progress)
+    result = evaluate_model(twin, windows, protocol, reference, progress, desc=f"evaluate {config.method}")
+    del twin
+    return {"method": config.method, "describe": config.describe(), "config": report.config, "seconds": report.seconds,
+            "storage": report.storage, "result": result.to_dict()}
+
+
+def comparison_config(method: str, config: QuantConfig) -> QuantConfig:
+    """``method`` on the same weight and activation formats, layers and seed as ``config``."""
+    from .algorithms import method_config
+
+    act = False if config.act is None else {k: v for k, v in dataclasses.asdict(config.act).items() if k != "outlier_threshold"}
+    return method_config(
+        method, None if config.weight is None else dataclasses.asdict(config.weight), act, weights=config.weight is not None,
+        ignore=config.ignore, overrides=config.overrides, seed=config.seed, calib_precision=config.calib_precision,
+    )
+
+
+def float_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters as held now (tied weights once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def evaluate_model(model, windows: torch.Tensor, protocol: Protocol, reference: Reference | None = None, progress: bool = True, desc: str = "evaluate") -> EvalResult:

@@ -184,3 +184,16 @@ def test_gptq_per_layer_lines_only_with_verbose(tiny_dir, tmp_path, cache):
     loud = _cli("-v", *args, "-o", tmp_path / "b", cache=cache)
     assert loud.returncode == 0, loud.stderr
     assert loud.stderr.count("output error") == 14  # 2 blocks x 7 Linears
+
+
+def test_compare_measures_a_baseline_on_the_same_formats(tiny_dir, tmp_path, cache):
+    out = tmp_path / "q"
+    r = run("quantize", tiny_dir, "-m", "gptq", "-b", "3", "--compare", "rtn", "-o", out, *SMALL)
+    assert r.exit_code == 0, r.output
+    ev = json.loads((out / "eval.json").read_text())
+    (cmp,) = ev["compare"]
+    assert cmp["method"] == "rtn" and cmp["config"]["weight"] == ev["config"]["weight"]
+    assert cmp["result"]["ppl"] != ev["quantized"]["ppl"]  # two real runs, not one copied
+    assert "rtn" in r.output and "smaller" in r.output
+    one_line_error(run("quantize", tiny_dir, "--compare", "rtn", "--no-eval", "-o", tmp_path / "n", *SMALL), "--compare", "needs --eval")
+    one_line_error(run("quantize", tiny_dir, "--compare", "magic", "-o", tmp_path / "n", *SMALL), "unknown method 'magic'")

@@ -143,6 +143,7 @@ def quantize(
     windows: WindowsOpt = 20,
     bos: BosOpt = "auto",
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Measure the original and the quantized model under the protocol.")] = True,
+    compare: Annotated[list[str], typer.Option("--compare", help="Also quantize a copy of the model with this method, on the same formats, and measure it beside the result (e.g. --compare rtn). Repeatable; needs --eval.")] = [],
     seed: Annotated[int, typer.Option("--seed", help="Seed for everything random.")] = 0,
     calib_precision: Annotated[str, typer.Option("--calib-precision", help="Matmuls of the calibration passes: fp32; bf16 (bfloat16 inputs, float32 accumulation and outputs: 2-4x faster); auto = bf16 where the CPU supports it natively. Evaluation is always float32.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
@@ -171,6 +172,11 @@ def quantize(
                            options=parse_assignments(option, "--option"), seed=seed, calib_precision=calib_precision)
     protocol = Protocol(seq_len=seq_len, n_windows=windows, n_calib=n_calib, calib_len=calib_len, bos=bos)
     api.make_algorithm(config)  # validate method and options before the slow part
+    others = [api.comparison_config(c, config) for c in compare]
+    for c in others:
+        api.make_algorithm(c)
+    if others and not evaluate:
+        raise LowbitError("--compare measures the methods side by side: it needs --eval")
     check_writable(output)
 
     t0 = time.perf_counter()
@@ -187,6 +193,9 @@ def quantize(
     if evaluate:
         reference, fp = api.reference_for(m, source["fingerprint"], eval_w, protocol, progress=not quiet)
         results["original"] = fp.to_dict()
+        if others:
+            results["compare"] = [api.measure_copy(m, c, calib_w, eval_w, protocol, reference, progress=not quiet) for c in others]
+    original_bytes = api.float_bytes(m)
     report = api.quantize(m, config, calib_w, progress=not quiet)
     if evaluate:
         q = api.evaluate_model(m, eval_w, protocol, reference, progress=not quiet, desc="evaluate quantized")
@@ -203,24 +212,37 @@ def quantize(
         plot_layer_errors(report.layers, folder / "layers.png", title)
 
     api.save(m, tok, output, report, source=source, results=results or None, write_more=write_more)
-    _print_summary(model, config, report, results, output, total)
+    _print_summary(model, config, report, results, output, total, original_bytes)
 
 
-def _print_summary(model: str, config, report, results: dict, output: Path, total: float) -> None:
-    t = Table(title=f"{model} — {config.describe()}", show_header=True, header_style="bold")
-    for col in ("model", "perplexity", "Δ ppl", "KL (nats)", "top-1 agree", "weights"):
+def _bpw(storage: dict) -> str:
+    return f"{storage['bits_per_weight']:.2f}" if storage.get("bits_per_weight") else "float"
+
+
+def _print_summary(model: str, config, report, results: dict, output: Path, total: float, original_bytes: int) -> None:
+    t = Table(title=f"{model}: {config.describe()}", show_header=True, header_style="bold")
+    for col in ("model", "perplexity", "Δ ppl", "KL (nats)", "top-1 agree", "bits/weight", "quantize s"):
         t.add_column(col, justify="right" if col != "model" else "left")
-    st = report.storage
-    bpw = f"{st['bits_per_weight']:.2f} bits/weight" if st.get("bits_per_weight") else "float"
     if results:
-        o, q = results["original"], results["quantized"]
-        t.add_row("original", f"{o['ppl']:.3f}", "", "", "", "32 bits/weight")
-        dp = 100 * (q["ppl"] / o["ppl"] - 1)
-        t.add_row("quantized", f"{q['ppl']:.3f}", f"{dp:+.2f}%", f"{q['kl']:.4f}", f"{100 * q['top1']:.2f}%", bpw)
+        o = results["original"]
+
+        def row(label: str, r: dict, storage: dict, seconds: float, style: str | None = None) -> None:
+            dp = 100 * (r["ppl"] / o["ppl"] - 1)
+            t.add_row(label, f"{r['ppl']:.3f}", f"{dp:+.2f}%", f"{r['kl']:.4f}", f"{100 * r['top1']:.2f}%", _bpw(storage), f"{seconds:.1f}", style=style)
+
+        t.add_row("float32", f"{o['ppl']:.3f}", "", "", "", "32", "")
+        for c in results.get("compare", []):
+            row(c["method"], c["result"], c["storage"], c["seconds"])
+        row(config.method, results["quantized"], report.storage, report.seconds, style="bold")
         out.print(t)
     else:
-        out.print(f"quantized layers stored at {bpw}")
-    out.print(f"quantization {report.seconds:.1f} s, total {total:.1f} s; wrote {output}/")
+        out.print(f"quantized layers stored at {_bpw(report.storage)} bits/weight")
+    size = sum(f.stat().st_size for f in Path(output).glob("*.safetensors"))
+    out.print(
+        f"wrote {output}/: weights {size / 1e6:.1f} MB (float32 original {original_bytes / 1e6:.1f} MB, "
+        f"{original_bytes / max(size, 1):.1f}x smaller); quantization {report.seconds:.1f} s, total {total:.1f} s",
+        highlight=False, soft_wrap=True,
+    )
 
 
 @app.command("eval")
