@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -56,8 +55,11 @@ def main() -> None:
     # `make demo` is setup then the command; timing them apart shows where the time goes
     setup_s = timed(["make", "setup"], clone, env, log)
     demo_s = timed(["make", "demo"], clone, env, log)
-    text = log.read_text(errors="replace")
-    ppl = re.findall(r"perplexity[^\n]*", text)
+    (eval_json,) = (clone / "runs").glob("*/eval.json")  # what the demo measured, as it saved it
+    ev = json.loads(eval_json.read_text())
+    rows = {"float32": ev["original"]["ppl"], **{c["method"]: c["result"]["ppl"] for c in ev.get("compare", [])},
+            ev["config"]["method"]: ev["quantized"]["ppl"]}
+    report = json.loads((eval_json.parent / "report.json").read_text())
     result = {
         "commit": commit,
         "setup_seconds": round(setup_s, 1),
@@ -66,7 +68,10 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "loadavg_1min_before": load_before,
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "output_lines": ppl[-4:],
+        "perplexity": rows,
+        "bits_per_weight": report["storage"]["bits_per_weight"],
+        "quantize_seconds": round(report["seconds"], 1),
+        "output": str(eval_json.parent.relative_to(clone)),
     }
     print(json.dumps(result, indent=1))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -80,9 +85,11 @@ def main() -> None:
             f"`make demo` from a fresh clone (commit {commit}) with nothing installed and empty caches "
             f"(`python3 benchmarks/fresh_clone.py --markdown`; {result['machine']}, load {load_before:.1f} "
             f"before the run, {result['date']}): **{result['total_seconds'] / 60:.1f} min** in all, of which "
-            f"set-up (venv, pip installs) {setup_s:.0f} s and the quantize-and-evaluate command {demo_s:.0f} s "
+            f"set-up (venv, pip installs) {setup_s:.0f} s and the demo command {demo_s:.0f} s "
             "(dequantizing the embedded GGUF, cleaning the text, the original's reference evaluation, "
-            "RTN, the quantized evaluation, saving).",
+            f"RTN and its evaluation, {ev['config']['method'].upper()} ({result['quantize_seconds']:.0f} s) and its "
+            f"evaluation, saving). Perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in rows.items())
+            + f"; {result['bits_per_weight']:.2f} bits per weight in the quantized layers.",
         )
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
