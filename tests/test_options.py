@@ -194,6 +194,6 @@ def test_compare_measures_a_baseline_on_the_same_formats(tiny_dir, tmp_path, cac
     (cmp,) = ev["compare"]
     assert cmp["method"] == "rtn" and cmp["config"]["weight"] == ev["config"]["weight"]
     assert cmp["result"]["ppl"] != ev["quantized"]["ppl"]  # two real runs, not one copied
-    assert "rtn" in r.output and "smaller" in r.output
+    assert "rtn" in r.output and "of weights against the float32 original" in r.output
     one_line_error(run("quantize", tiny_dir, "--compare", "rtn", "--no-eval", "-o", tmp_path / "n", *SMALL), "--compare", "needs --eval")
     one_line_error(run("quantize", tiny_dir, "--compare", "magic", "-o", tmp_path / "n", *SMALL), "unknown method 'magic'")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -221,7 +222,7 @@ def _bpw(storage: dict) -> str:
 
 def _print_summary(model: str, config, report, results: dict, output: Path, total: float, original_bytes: int) -> None:
     t = Table(title=f"{model}: {config.describe()}", show_header=True, header_style="bold")
-    for col in ("model", "perplexity", "Δ ppl", "KL (nats)", "top-1 agree", "bits/weight", "quantize s"):
+    for col in ("model", "ppl", "Δ ppl", "KL nats", "top-1", "bits/w", "seconds"):
         t.add_column(col, justify="right" if col != "model" else "left")
     if results:
         o = results["original"]
@@ -238,9 +239,11 @@ def _print_summary(model: str, config, report, results: dict, output: Path, tota
     else:
         out.print(f"quantized layers stored at {_bpw(report.storage)} bits/weight")
     size = sum(f.stat().st_size for f in Path(output).glob("*.safetensors"))
+    qbytes = report.storage.get("quantized_bytes") or 0
     out.print(
-        f"wrote {output}/: weights {size / 1e6:.1f} MB (float32 original {original_bytes / 1e6:.1f} MB, "
-        f"{original_bytes / max(size, 1):.1f}x smaller); quantization {report.seconds:.1f} s, total {total:.1f} s",
+        f"wrote {output}/: {size / 1e6:.1f} MB of weights against the float32 original's {original_bytes / 1e6:.1f} MB "
+        f"(quantized layers {qbytes / 1e6:.1f} MB; {(size - qbytes) / 1e6:.1f} MB of embeddings, norms and other "
+        f"tensors kept in float32); quantization {report.seconds:.1f} s, total {total:.1f} s",
         highlight=False, soft_wrap=True,
     )
 
@@ -384,6 +387,10 @@ _add_subcommands()
 
 
 def run() -> None:
+    if not sys.stderr.isatty():
+        # other libraries' bars (transformers' GGUF conversion, shard writing) would write
+        # carriage-return frames into a log; tqdm reads this when it is first imported
+        os.environ.setdefault("TQDM_DISABLE", "1")
     app()
 
 
