@@ -128,3 +128,49 @@ def test_unquantized_model_cannot_be_saved(tiny_dir, tmp_path):
     model, tok, _ = lowbit.load(str(tiny_dir))
     with pytest.raises(LowbitError, match="not quantized"):
         lowbit.save(model, tok, tmp_path / "x", lowbit.QuantReport({}, [], 0.0))
+
+
+def test_config_missing_keys_name_the_key(tiny_dir, tmp_path):
+    out = _quantized(tiny_dir, tmp_path)
+    cfg = out / "lowbit_config.json"
+    good = json.loads(cfg.read_text())
+    layer = "model.layers.0.mlp.up_proj"
+
+    def damaged(edit, match):
+        meta = json.loads(json.dumps(good))
+        edit(meta)
+        cfg.write_text(json.dumps(meta))
+        for read in (lambda: inspect_checkpoint(out), lambda: lowbit.load(str(out))):
+            with pytest.raises(LowbitError, match=match):
+                read()
+
+    damaged(lambda m: m.pop("layers"), '"layers"')
+    damaged(lambda m: m["quantization"].pop("method"), '"method"')
+    damaged(lambda m: m["layers"][layer]["weight"].pop("bits"), f"layer {layer} weight lacks 'bits'")
+    damaged(lambda m: m["layers"][layer].pop("in_features"), f"layer {layer} lacks 'in_features'")
+
+
+def test_corrupt_safetensors_entries_name_the_tensor(tiny_dir, tmp_path):
+    import struct
+
+    out = _quantized(tiny_dir, tmp_path)
+    f = out / "model.safetensors"
+    data = f.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+
+    def damaged(edit, match):
+        h = json.loads(json.dumps(header))
+        edit(h[name])
+        raw = json.dumps(h, separators=(",", ":")).encode().ljust(n)
+        assert len(raw) == n
+        f.write_bytes(data[:8] + raw + data[8 + n :])
+        with pytest.raises(LowbitError, match=match):
+            inspect_checkpoint(out)
+
+    damaged(lambda e: e.pop("data_offsets"), f"tensor {name} has corrupt data_offsets")
+    damaged(lambda e: e.update(data_offsets=[-1, 3]), f"tensor {name} has corrupt data_offsets")
+    damaged(lambda e: e.update(dtype="Q9"), f"tensor {name} has unknown dtype")
+    damaged(lambda e: e.update(shape=[1]), f"tensor {name} of shape")
+    damaged(lambda e: e.update(shape="x"), f"tensor {name} has a corrupt shape")

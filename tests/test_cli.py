@@ -117,3 +117,9 @@ def test_bad_input_gets_a_one_line_error_and_no_output(args, fragments, tiny_dir
     one_line_error(r, *fragments)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary left
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors", "awq"])
+def test_export_of_a_missing_checkpoint_says_it_does_not_exist(fmt, tmp_path):
+    missing = tmp_path / "nonexistent"
+    one_line_error(run("export", fmt, missing, "-o", tmp_path / "x"), str(missing), "does not exist")

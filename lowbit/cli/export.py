@@ -50,6 +50,8 @@ def _load(checkpoint: str):
     from ..errors import LowbitError
     from ..models.loader import is_lowbit_checkpoint
 
+    if not Path(checkpoint).exists():
+        raise LowbitError(f"checkpoint {checkpoint} does not exist")
     if not is_lowbit_checkpoint(Path(checkpoint)):
         raise LowbitError(f"{checkpoint} is not a lowbit checkpoint folder; quantize the model first with `lowbit quantize`")
     model, tok, _ = api.load(checkpoint)
