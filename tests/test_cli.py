@@ -85,7 +85,7 @@ def test_methods_command():
         (["quantize", "{tiny}", "--option", "x=1", "-o", "{out}"], ["method rtn has no option x"]),
         (["quantize", "{tiny}", "--data", "{empty}", "-o", "{out}"], ["is empty"]),
         (["quantize", "{tiny}", "--data", "{short}", "-o", "{out}"], ["short.txt is too short"]),
-        (["quantize", "{badgguf}", "-o", "{out}"], ["is not a readable GGUF file"]),
+        (["quantize", "{badgguf}", "-o", "{out}"], ["broken.gguf is truncated"]),
         (["quantize", "{nan}", "-o", "{out}"], ["has 1 NaN/inf values"]),
         (["quantize", "{pickle}", "-o", "{out}"], ["does not load pickled"]),
         (["eval", "{out}"], ["does not exist"]),
