@@ -32,6 +32,7 @@ from ..config import ActSpec, QuantConfig, WeightSpec
 from ..errors import LowbitError
 from ..formats.packing import pack, unpack
 from ..formats.weights import default_g_idx
+from .hashes import safetensors_hashes, verify_file
 from ..nn.qlinear import QuantLinear, set_submodule
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ def save_checkpoint(
         # come out in a random order and the same checkpoint would differ byte-wise.
         # The format and its version live in the JSON config.
         save_file(checkpoint_tensors(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        meta["hashes"] = {WEIGHTS_FILE: safetensors_hashes(tmp / WEIGHTS_FILE)}
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -184,6 +186,8 @@ def _check_meta(meta, path: Path) -> None:
         raise LowbitError(f"{path} lacks the \"quantization\" object")
     if not isinstance(q.get("method"), str):
         raise LowbitError(f"{path}: \"quantization\" lacks \"method\"")
+    if "hashes" in meta and not isinstance(meta["hashes"], dict):
+        raise LowbitError(f"{path}: \"hashes\" must be an object")
     layers = meta.get("layers")
     if not isinstance(layers, dict) or not layers:
         raise LowbitError(f"{path} lacks the \"layers\" object (or it is empty)")
@@ -227,13 +231,20 @@ def _build_layer(name: str, entry: dict) -> QuantLinear:
         raise LowbitError(f"{CONFIG_FILE}: malformed entry for layer {name} ({e})") from None
 
 
-def load_checkpoint(folder: str | Path):
-    """(model, tokenizer, meta) from a lowbit checkpoint folder."""
+def load_checkpoint(folder: str | Path, verify: bool = True):
+    """(model, tokenizer, meta) from a lowbit checkpoint folder. ``verify`` checks
+    model.safetensors against the content hash recorded when it was written (checkpoints
+    written before hashes were recorded load unchecked)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
     folder = Path(folder)
     meta = read_meta(folder)
+    record = (meta.get("hashes") or {}).get(WEIGHTS_FILE) if isinstance(meta.get("hashes"), dict) else None
+    if verify and record is not None:
+        verify_file(folder / WEIGHTS_FILE, record)
+    elif verify:
+        log.info("%s has no recorded content hash (written by an older lowbit); loading it unverified", folder)
     tensors = _read_tensors(folder / WEIGHTS_FILE)
     try:
         hf_config = AutoConfig.from_pretrained(str(folder))
