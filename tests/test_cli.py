@@ -51,6 +51,16 @@ def test_quantize_eval_inspect_on_a_tiny_model(tiny_dir, tmp_path, cache):
     assert again["result"]["kl"] == pytest.approx(ev["quantized"]["kl"], rel=1e-9)
     r = run("inspect", out)
     assert r.exit_code == 0 and "W4 g32 asym" in r.output
+    f = out / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    name = "model.layers.0.mlp.up_proj.qweight"
+    data[8 + n + json.loads(data[8 : 8 + n])[name]["data_offsets"][0]] ^= 1  # another valid code
+    f.write_bytes(bytes(data))
+    quick = ["--data", EXCERPT, "--windows", "1", "--seq-len", "32", "-q", "--no-reference"]
+    one_line_error(run("eval", out, *quick), "model.safetensors is damaged", name)
+    r = run("eval", out, *quick, "--no-verify")
+    assert r.exit_code == 0, r.output
 
 
 def test_w8a8_static_cli(tiny_dir, tmp_path, cache):
