@@ -73,13 +73,14 @@ class QuantReport:
         return asdict(self)
 
 
-def load(spec: str):
+def load(spec: str, verify: bool = True):
     """(model, tokenizer, info) for a model spec or a lowbit checkpoint folder.
 
     info["source"] describes the unquantized model (for checkpoints: the one it was made
-    from); info["checkpoint"] holds the checkpoint's metadata when MODEL is one."""
+    from); info["checkpoint"] holds the checkpoint's metadata when MODEL is one. verify=False
+    skips the content-hash check of a checkpoint's tensors."""
     if is_lowbit_checkpoint(Path(spec)):
-        model, tokenizer, meta = load_checkpoint(spec)
+        model, tokenizer, meta = load_checkpoint(spec, verify=verify)
         return model, tokenizer, {"source": meta.get("source", {}), "checkpoint": meta}
     model, tokenizer, source = load_model(spec)
     return model, tokenizer, {"source": source.to_dict(), "checkpoint": None}

@@ -52,6 +52,16 @@ def test_quantize_eval_inspect_on_a_tiny_model(tiny_dir, tmp_path, cache):
     assert again["result"]["kl"] == pytest.approx(ev["quantized"]["kl"], rel=1e-9)
     r = run("inspect", out)
     assert r.exit_code == 0 and "W4 g32 asym" in r.output
+    f = out / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    name = "model.layers.0.mlp.up_proj.qweight"
+    data[8 + n + json.loads(data[8 : 8 + n])[name]["data_offsets"][0]] ^= 1  # another valid code
+    f.write_bytes(bytes(data))
+    quick = ["--data", EXCERPT, "--windows", "1", "--seq-len", "32", "-q", "--no-reference"]
+    one_line_error(run("eval", out, *quick), "model.safetensors is damaged", name)
+    r = run("eval", out, *quick, "--no-verify")
+    assert r.exit_code == 0, r.output
 
 
 def test_w8a8_static_cli(tiny_dir, tmp_path, cache):
@@ -86,7 +96,7 @@ def test_methods_command():
         (["quantize", "{tiny}", "--option", "x=1", "-o", "{out}"], ["method rtn has no option x"]),
         (["quantize", "{tiny}", "--data", "{empty}", "-o", "{out}", *FIT], ["is empty"]),
         (["quantize", "{tiny}", "--data", "{short}", "-o", "{out}", *FIT], ["short.txt is too short"]),
-        (["quantize", "{badgguf}", "-o", "{out}"], ["is not a readable GGUF file"]),
+        (["quantize", "{badgguf}", "-o", "{out}"], ["broken.gguf is truncated"]),
         (["quantize", "{nan}", "-o", "{out}"], ["has 1 NaN/inf values"]),
         (["quantize", "{pickle}", "-o", "{out}"], ["does not load pickled"]),
         (["eval", "{out}"], ["does not exist"]),
@@ -118,3 +128,9 @@ def test_bad_input_gets_a_one_line_error_and_no_output(args, fragments, tiny_dir
     one_line_error(r, *fragments)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary left
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors", "awq"])
+def test_export_of_a_missing_checkpoint_says_it_does_not_exist(fmt, tmp_path):
+    missing = tmp_path / "nonexistent"
+    one_line_error(run("export", fmt, missing, "-o", tmp_path / "x"), str(missing), "does not exist")

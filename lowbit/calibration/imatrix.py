@@ -90,12 +90,9 @@ def save_imatrix(path: str | Path, imatrix_by_gguf_name: dict[str, np.ndarray], 
 
 def load_imatrix(path: str | Path) -> dict[str, np.ndarray]:
     """Read a llama.cpp imatrix GGUF: {GGUF weight name: mean of x^2 per column}."""
-    import gguf
+    from ..models.gguf_read import open_gguf
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # gguf raises several kinds for a bad file
-        raise LowbitError(f"{path} is not a readable imatrix GGUF ({type(e).__name__}: {e})") from None
+    reader = open_gguf(path)
     tensors = {t.name: np.asarray(t.data, dtype=np.float64).reshape(-1) for t in reader.tensors}
     out = {}
     for name, data in tensors.items():

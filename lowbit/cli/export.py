@@ -51,6 +51,8 @@ def _load(checkpoint: str, output: Path):
     from ..cache import check_writable
     from ..models.loader import is_lowbit_checkpoint
 
+    if not Path(checkpoint).exists():
+        raise LowbitError(f"checkpoint {checkpoint} does not exist")
     if not is_lowbit_checkpoint(Path(checkpoint)):
         raise LowbitError(f"{checkpoint} is not a lowbit checkpoint folder; quantize the model first with `lowbit quantize`")
     check_writable(output)

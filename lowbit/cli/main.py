@@ -260,6 +260,7 @@ def eval_cmd(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result to this JSON file.")] = None,
     kernel: Annotated[str, typer.Option("--kernel", help="Compute path of a quantized checkpoint: reference (dequantize, float matmul) or int8 (int8 x int8 -> int32 products where weights and activations are both quantized).")] = "reference",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the content-hash check of a checkpoint's tensors.")] = False,
 ) -> None:
     """Measure perplexity (and KL / top-1 agreement against the original) under the protocol."""
     from .. import api
@@ -268,7 +269,7 @@ def eval_cmd(
     protocol = Protocol(seq_len=seq_len, n_windows=windows, n_calib=1, calib_len=2, bos=bos)
     if json_out is not None:
         check_writable(json_out)
-    m, tok, info = api.load(model)
+    m, tok, info = api.load(model, verify=not no_verify)
     check_lengths(m, seq_len=seq_len)
     out.print(bos_note(tok, protocol), highlight=False)
     if kernel != "reference":

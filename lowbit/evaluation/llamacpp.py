@@ -68,11 +68,10 @@ def llamacpp_activations(model: torch.nn.Module, gguf_path: str | Path) -> list:
     """Hook every Linear of ``model`` (loaded from ``gguf_path``) to round its input as
     llama.cpp's CPU kernels do for that tensor's GGML type. Returns the hook handles
     (call ``.remove()`` on each to undo)."""
-    from gguf import GGUFReader
-
     from ..export.gguf_writer import hf_to_gguf_names
+    from ..models.gguf_read import open_gguf
 
-    types = {t.name: t.tensor_type.name for t in GGUFReader(str(gguf_path)).tensors}
+    types = {t.name: t.tensor_type.name for t in open_gguf(gguf_path).tensors}
     names = hf_to_gguf_names(model)
     if "output.weight" not in types and "token_embd.weight" in types:
         names.setdefault("lm_head.weight", "token_embd.weight")  # tied: llama.cpp multiplies by token_embd

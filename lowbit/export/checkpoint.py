@@ -32,6 +32,7 @@ from ..config import ActSpec, QuantConfig, WeightSpec
 from ..errors import LowbitError
 from ..formats.packing import pack, unpack
 from ..formats.weights import default_g_idx
+from .hashes import safetensors_hashes, verify_file
 from ..nn.qlinear import QuantLinear, set_submodule
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ def save_checkpoint(
         # come out in a random order and the same checkpoint would differ byte-wise.
         # The format and its version live in the JSON config.
         save_file(checkpoint_tensors(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        meta["hashes"] = {WEIGHTS_FILE: safetensors_hashes(tmp / WEIGHTS_FILE)}
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -154,7 +156,62 @@ def read_meta(folder: str | Path) -> dict:
         raise LowbitError(f"{path}: unsupported checkpoint format {meta.get('format')!r} version {meta.get('format_version')!r}")
     if not (folder / WEIGHTS_FILE).is_file():
         raise LowbitError(f"checkpoint {folder} has no {WEIGHTS_FILE}")
+    _check_meta(meta, path)
     return meta
+
+
+_LAYER_KEYS = {"in_features": int, "out_features": int, "bias": bool, "n_groups": int, "g_idx": bool}
+
+
+def spec_from_stored(cls, d, what: str):
+    """A WeightSpec/ActSpec from a stored dict that must name every field (no defaults)."""
+    if not isinstance(d, dict):
+        raise LowbitError(f"{what} must be an object, got {type(d).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = [n for n in names if n not in d]
+    if missing:
+        raise LowbitError(f"{what} lacks {', '.join(repr(n) for n in missing)}")
+    extra = [k for k in d if k not in names]
+    if extra:
+        raise LowbitError(f"{what} has unknown key(s) {', '.join(repr(str(k)) for k in extra)}")
+    return cls(**d)
+
+
+def _check_meta(meta, path: Path) -> None:
+    """Every key the readers use is present and of the right type, or one LowbitError naming it."""
+    if not isinstance(meta, dict):
+        raise LowbitError(f"{path} must hold a JSON object")
+    q = meta.get("quantization")
+    if not isinstance(q, dict):
+        raise LowbitError(f"{path} lacks the \"quantization\" object")
+    if not isinstance(q.get("method"), str):
+        raise LowbitError(f"{path}: \"quantization\" lacks \"method\"")
+    if "hashes" in meta and not isinstance(meta["hashes"], dict):
+        raise LowbitError(f"{path}: \"hashes\" must be an object")
+    layers = meta.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise LowbitError(f"{path} lacks the \"layers\" object (or it is empty)")
+    for name, e in layers.items():
+        if not isinstance(e, dict):
+            raise LowbitError(f"{path}: layer {name} must be an object")
+        for k, typ in _LAYER_KEYS.items():
+            v = e.get(k)
+            if not isinstance(v, typ) or (typ is int and (isinstance(v, bool) or v < 0)):
+                raise LowbitError(f"{path}: layer {name} lacks {k!r} or it is not a {'non-negative integer' if typ is int else typ.__name__}")
+        if e["in_features"] == 0 or e["out_features"] == 0:
+            raise LowbitError(f"{path}: layer {name} has a zero dimension")
+        for k in ("weight", "act"):
+            if k not in e:
+                raise LowbitError(f"{path}: layer {name} lacks {k!r}")
+        if e["weight"] is None and e["act"] is None:
+            raise LowbitError(f"{path}: layer {name} has neither weight nor act format")
+        try:
+            if e["weight"] is not None:
+                spec_from_stored(WeightSpec, e["weight"], f"{path}: layer {name} weight")
+            if e["act"] is not None:
+                spec_from_stored(ActSpec, e["act"], f"{path}: layer {name} act")
+        except TypeError as err:
+            raise LowbitError(f"{path}: layer {name}: malformed format ({err})") from None
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -167,20 +224,27 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _build_layer(name: str, entry: dict) -> QuantLinear:
     try:
-        wspec = None if entry["weight"] is None else WeightSpec(**entry["weight"])
-        aspec = None if entry["act"] is None else ActSpec(**entry["act"])
+        wspec = None if entry["weight"] is None else spec_from_stored(WeightSpec, entry["weight"], f"layer {name} weight")
+        aspec = None if entry["act"] is None else spec_from_stored(ActSpec, entry["act"], f"layer {name} act")
         return QuantLinear(entry["in_features"], entry["out_features"], entry["bias"], wspec, aspec, max(entry["n_groups"], 1))
     except (KeyError, TypeError) as e:
         raise LowbitError(f"{CONFIG_FILE}: malformed entry for layer {name} ({e})") from None
 
 
-def load_checkpoint(folder: str | Path):
-    """(model, tokenizer, meta) from a lowbit checkpoint folder."""
+def load_checkpoint(folder: str | Path, verify: bool = True):
+    """(model, tokenizer, meta) from a lowbit checkpoint folder. ``verify`` checks
+    model.safetensors against the content hash recorded when it was written (checkpoints
+    written before hashes were recorded load unchecked)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
     folder = Path(folder)
     meta = read_meta(folder)
+    record = (meta.get("hashes") or {}).get(WEIGHTS_FILE) if isinstance(meta.get("hashes"), dict) else None
+    if verify and record is not None:
+        verify_file(folder / WEIGHTS_FILE, record)
+    elif verify:
+        log.info("%s has no recorded content hash (written by an older lowbit); loading it unverified", folder)
     tensors = _read_tensors(folder / WEIGHTS_FILE)
     try:
         hf_config = AutoConfig.from_pretrained(str(folder))

@@ -240,9 +240,11 @@ def _copy_source_metadata(w, gguf_path: str, vocab_size: int) -> bool:
     path = Path(gguf_path)
     if not path.is_file():
         return False
+    from ..models.gguf_read import open_gguf
+
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception:  # a file that changed since loading: fall back to the HF tokenizer
+        reader = open_gguf(path)
+    except LowbitError:  # a file that changed since loading: fall back to the HF tokenizer
         return False
     fields = reader.fields
     tokens = fields.get("tokenizer.ggml.tokens")

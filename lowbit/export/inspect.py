@@ -8,7 +8,34 @@ from pathlib import Path
 
 from ..config import WeightSpec
 from ..errors import LowbitError
-from .checkpoint import WEIGHTS_FILE, read_meta
+from .checkpoint import WEIGHTS_FILE, read_meta, spec_from_stored
+
+
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _is_uint(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_entry(path: Path, name: str, v) -> tuple[int, int]:
+    """(start, end) of one tensor entry, after checking dtype, shape and offsets agree."""
+    if not isinstance(v, dict):
+        raise LowbitError(f"{path}: corrupt safetensors entry for tensor {name} (not an object)")
+    dtype, shape, off = v.get("dtype"), v.get("shape"), v.get("data_offsets")
+    if dtype not in _DTYPE_BYTES:
+        raise LowbitError(f"{path}: tensor {name} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        raise LowbitError(f"{path}: tensor {name} has a corrupt shape {shape!r}")
+    if not isinstance(off, list) or len(off) != 2 or not all(_is_uint(o) for o in off) or off[0] > off[1]:
+        raise LowbitError(f"{path}: tensor {name} has corrupt data_offsets {off!r}")
+    count = 1
+    for d in shape:
+        count *= d
+    if count * _DTYPE_BYTES[dtype] != off[1] - off[0]:
+        raise LowbitError(f"{path}: tensor {name} of shape {shape} {dtype} does not match its {off[1] - off[0]} bytes")
+    return off[0], off[1]
 
 
 def safetensors_header(path: Path) -> dict:
@@ -25,7 +52,18 @@ def safetensors_header(path: Path) -> dict:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise LowbitError(f"{path} has a corrupt safetensors header") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise LowbitError(f"{path} has a corrupt safetensors header (not a JSON object)")
+    spans = []
+    for k, v in header.items():
+        if k != "__metadata__":
+            spans.append((*_check_entry(path, k, v), k))
+    spans.sort()
+    end = 0
+    for lo, hi, k in spans:
+        if lo < end:
+            raise LowbitError(f"{path}: tensor {k} overlaps another tensor's bytes")
+        end = hi
     if 8 + n + end > size:
         raise LowbitError(f"{path} is truncated: its tensors need {8 + n + end} bytes, the file has {size}")
     return header
@@ -43,7 +81,7 @@ def inspect_checkpoint(folder: str | Path) -> dict:
         b = sum(v for k, v in nbytes.items() if k.startswith(name + "."))
         n = e["in_features"] * e["out_features"]
         w = e["weight"]
-        fmt = WeightSpec(**w).describe() if w else "float32 weights"
+        fmt = spec_from_stored(WeightSpec, w, f"layer {name} weight").describe() if w else "float32 weights"
         if e["act"]:
             fmt += f" + A{e['act']['bits']} {'dynamic' if e['act']['dynamic'] else 'static'}"
         if w:

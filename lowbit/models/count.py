@@ -17,12 +17,9 @@ def count_parameters(spec: str) -> tuple[int, str]:
         return _count_from_config(path), f"{spec} (from config.json)"
     src = resolve(spec)
     if src.kind in ("embedded", "gguf"):
-        from gguf import GGUFReader
+        from .gguf_read import open_gguf
 
-        from .loader import check_gguf
-
-        check_gguf(Path(src.path))
-        reader = GGUFReader(src.path)
+        reader = open_gguf(Path(src.path))
         return int(sum(int(t.n_elements) for t in reader.tensors)), f"{spec} (from the GGUF tensor table)"
     raise LowbitError(f"cannot count the parameters of {spec} offline; give a local folder, a GGUF or a number")
 

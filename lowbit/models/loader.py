@@ -111,16 +111,9 @@ def resolve(spec: str) -> ModelSource:
 
 def check_gguf(path: Path) -> None:
     """Parse the GGUF header and tensor table; a truncated or corrupt file fails here."""
-    from gguf import GGUFReader
+    from .gguf_read import open_gguf
 
-    try:
-        reader = GGUFReader(str(path))
-        size = path.stat().st_size
-        for t in reader.tensors:
-            if t.data_offset + t.n_bytes > size:
-                raise ValueError(f"tensor {t.name} runs past the end of the file")
-    except Exception as e:  # gguf raises a mix of ValueError, struct and index errors
-        raise LowbitError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    open_gguf(path)
 
 
 def _quiet_transformers():
