@@ -25,8 +25,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from rtn import write_section  # noqa: E402
-# benchmarks/gguf.py would shadow gguf-py's package `gguf`: drop this folder from the path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 RESULTS = ROOT / "benchmarks" / "results" / "gguf_search.json"
 # the types llama.cpp's presets put on SmolLM2 (k-quants, and their fallbacks for 576 columns)

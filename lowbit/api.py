@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import hashlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +33,8 @@ from .config import QuantConfig
 from .runner import float32_matmul_precision
 from .errors import LowbitError
 from .evaluation.metrics import EvalResult, Reference, evaluate
+from .evaluation.reference import FORMAT as REFERENCE_FORMAT
+from .evaluation.reference import prune as prune_references
 from .export.checkpoint import load_checkpoint, quant_layers, save_checkpoint
 from .formats.memory import weight_storage
 from .models.loader import is_lowbit_checkpoint, load_model
@@ -178,7 +181,18 @@ def windows_key(windows: torch.Tensor) -> str:
 
 
 def reference_folder(fingerprint: str, windows: torch.Tensor, protocol: Protocol) -> Path:
-    return cache_dir("reference") / text_hash(fingerprint, windows_key(windows), protocol.to_dict())
+    return cache_dir("reference") / text_hash(fingerprint, windows_key(windows), protocol.to_dict(), REFERENCE_FORMAT)
+
+
+def reference_cache_limit() -> int:
+    """Bytes the reference cache may hold ($LOWBIT_REFERENCE_CACHE_MB, default 1000 MB):
+    the least recently used references beyond it are removed when a new one is recorded."""
+    text = os.environ.get("LOWBIT_REFERENCE_CACHE_MB", "1000")
+    try:
+        mb = float(text)
+    except ValueError:
+        raise LowbitError(f"LOWBIT_REFERENCE_CACHE_MB must be a number of megabytes, got {text!r}") from None
+    return int(mb * 1e6)
 
 
 def reference_for(model, fingerprint: str, windows: torch.Tensor, protocol: Protocol, progress: bool = True) -> tuple[Reference, EvalResult]:
@@ -193,6 +207,10 @@ def reference_for(model, fingerprint: str, windows: torch.Tensor, protocol: Prot
             protocol=protocol.to_dict(),
             progress=progress_bar("evaluate unquantized", progress),
         )
+        removed = prune_references(folder.parent, reference_cache_limit(), keep=folder)
+        if removed:
+            log.info("reference cache: removed %d least recently used reference(s)", len(removed))
+    os.utime(folder)  # least recently used goes first when the cache is pruned
     ref = Reference(folder)
     return ref, EvalResult(**ref.meta["result"])
 

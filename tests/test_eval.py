@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -57,10 +58,10 @@ def test_reference_cache_records_once(tiny_dir, cache):
     windows = calib(len(tok), n=2, length=24)
     p = lowbit.Protocol(seq_len=24, n_windows=2)
     ref, fp = lowbit.reference_for(model, info["source"]["fingerprint"], windows, p, progress=False)
-    stamp = (ref.folder / "logprobs.npy").stat().st_mtime_ns
+    stamp = (ref.folder / "ids.npy").stat().st_mtime_ns
     ref2, fp2 = lowbit.reference_for(model, info["source"]["fingerprint"], windows, p, progress=False)
     assert ref2.folder == ref.folder and fp2.ppl == fp.ppl
-    assert (ref.folder / "logprobs.npy").stat().st_mtime_ns == stamp
+    assert (ref.folder / "ids.npy").stat().st_mtime_ns == stamp
 
 
 def test_interrupted_recording_leaves_no_reference(tiny, tmp_path):
@@ -84,3 +85,44 @@ def test_bad_windows(tiny):
     model, _ = tiny
     with pytest.raises(LowbitError, match="at least 2 tokens"):
         evaluate(model, torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_compact_reference_estimates_the_full_kl():
+    """Head exact, tail sampled: over many positions the mean KL matches the full sum."""
+    from lowbit.evaluation.reference import compact_rows, position_kl
+
+    g = torch.Generator().manual_seed(0)
+    vocab, positions = 4000, 2000
+    logp = torch.log_softmax(3 * torch.randn(positions, vocab, generator=g), -1)
+    logq = torch.log_softmax(logp + 0.7 * torch.randn(positions, vocab, generator=g), -1)
+    full = (logp.exp() * (logp - logq)).sum(-1)
+    ids, lp, tail, top = compact_rows(logp, 64, 64, torch.Generator().manual_seed(1))
+    est = position_kl(ids, lp, tail, logq, 64)
+    assert ids.shape == (positions, 128) and torch.equal(top.long(), logp.argmax(-1))
+    assert float(full.mean()) > 0.05
+    assert abs(float(est.mean()) - float(full.mean())) < 0.01 * float(full.mean())
+    # the head alone, with the tail's coarse-grained term, would be far off: the samples matter
+    head_only = position_kl(ids[:, :64], lp[:, :64], tail, logq, 64)
+    assert abs(float(head_only.mean()) - float(full.mean())) > 0.05 * float(full.mean())
+    # a model equal to the reference: zero exactly, whatever the draws
+    assert float(position_kl(ids, lp, tail, logp, 64).abs().max()) < 1e-5
+
+
+def test_reference_is_small_deterministic_and_the_cache_bounded(tmp_path):
+    from lowbit.evaluation.reference import Recorder, Reference, folder_bytes, prune
+
+    g = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(2, 30, 5000, generator=g), -1)
+    for name in ("a", "b"):
+        rec = Recorder(tmp_path / name, 2, 30, 5000, {})
+        for i in range(2):
+            rec.write(i, logp[i])
+        rec.close(True, {"ppl": 1.0})
+    for f in ("ids.npy", "logprobs.npy", "tail.npy", "argmax.npy"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    ref = Reference(tmp_path / "a")
+    assert float(ref.kl(1, logp[1]).abs().max()) < 1e-5
+    assert folder_bytes(tmp_path / "a") < 2 * 30 * 5000 * 2 / 4  # a quarter of float16 distributions
+    os.utime(tmp_path / "a", (1, 1))  # a is the least recently used
+    removed = prune(tmp_path, folder_bytes(tmp_path / "b") + 10, keep=tmp_path / "b")
+    assert removed == [tmp_path / "a"] and (tmp_path / "b").is_dir()

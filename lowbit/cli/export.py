@@ -3,7 +3,7 @@
     lowbit export compressed-tensors CKPT -o OUT     transformers / vLLM (pack-quantized)
     lowbit export gptq CKPT -o OUT [--format gptq_v2]  GPTQModel, AutoGPTQ, vLLM
     lowbit export awq CKPT -o OUT                     AWQ GEMM layout (AutoAWQ, vLLM, GPTQModel)
-    lowbit export gguf MODEL --type Q4_K_M [--imatrix] -o OUT.gguf   llama.cpp (see gguf.py)
+    lowbit export gguf MODEL --type Q4_K_M [--imatrix] -o OUT.gguf   llama.cpp (see cli/gguf.py)
 
 Registered by main.py as a sub-app; errors follow main.py's pattern (``error: ...``, exit 2).
 """

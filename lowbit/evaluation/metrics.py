@@ -5,28 +5,27 @@ Every window of seq_len tokens scores its seq_len - 1 next-token predictions (to
 seq_len - 1 given the ones before them); perplexity is exp of the mean negative
 log-likelihood over all scored tokens of all windows.
 
-The unquantized model's distributions are recorded once as a ``Reference``: float16
-log-probabilities per scored position (memory-mapped .npy) and the float32 argmax. KL(P_ref
-|| P_model) is averaged over the same positions, in nats; the reference is renormalized in
-float32 before use, so its float16 storage costs about 1e-4 nats at most.
+The unquantized model's distributions are recorded once as a ``Reference``
+(lowbit.evaluation.reference: per position its 128 most likely tokens exactly, 128 tokens
+drawn from the rest, and the argmax); KL(P_ref || P_model) is averaged over the scored
+positions, in nats, exact over each distribution's head and estimated without bias over
+its tail.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cache import atomic_path
 from ..errors import LowbitError
 from ..nn.qlinear import dequant_cache
+from .reference import Recorder, Reference
 
 
 @dataclass
@@ -42,55 +41,6 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class Reference:
-    """Recorded next-token log-probabilities of the unquantized model (see module doc)."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        meta = json.loads((self.folder / "meta.json").read_text())
-        self.meta = meta
-        self.logprobs = np.load(self.folder / "logprobs.npy", mmap_mode="r", allow_pickle=False)
-        self.argmax = np.load(self.folder / "argmax.npy", allow_pickle=False)
-
-    @staticmethod
-    def exists(folder: Path) -> bool:
-        return (Path(folder) / "meta.json").is_file()
-
-    def check(self, windows: torch.Tensor, vocab: int) -> None:
-        n, length = windows.shape
-        if self.logprobs.shape != (n, length - 1, vocab):
-            raise LowbitError(
-                f"reference {self.folder} has shape {self.logprobs.shape}, expected {(n, length - 1, vocab)}"
-            )
-
-
-class _Recorder:
-    """Writes a Reference folder; becomes visible only when complete."""
-
-    def __init__(self, folder: Path, shape: tuple[int, int, int], meta: dict):
-        self._ctx = atomic_path(folder, is_dir=True)
-        self.tmp = self._ctx.__enter__()
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        self.logprobs = np.lib.format.open_memmap(self.tmp / "logprobs.npy", mode="w+", dtype=np.float16, shape=shape)
-        self.argmax = np.zeros(shape[:2], dtype=np.int32)
-        self.meta = meta
-
-    def write(self, i: int, logp: torch.Tensor) -> None:
-        self.logprobs[i : i + logp.shape[0]] = logp.to(torch.float16).numpy()
-        self.argmax[i : i + logp.shape[0]] = logp.argmax(-1).numpy()
-
-    def close(self, ok: bool, result: dict | None = None) -> None:
-        if ok:
-            self.logprobs.flush()
-            del self.logprobs
-            np.save(self.tmp / "argmax.npy", self.argmax, allow_pickle=False)
-            (self.tmp / "meta.json").write_text(json.dumps({**self.meta, "result": result}, indent=1))
-            self._ctx.__exit__(None, None, None)
-        else:
-            del self.logprobs
-            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -139,16 +89,12 @@ def _evaluate(model, windows, reference, record_to, record_meta, protocol, progr
             count += target.numel()
             if record_to is not None:
                 if recorder is None:
-                    recorder = _Recorder(record_to, (n, length - 1, logp.shape[-1]), record_meta or {})
-                recorder.write(i, logp)
+                    recorder = Recorder(record_to, n, length - 1, logp.shape[-1], record_meta or {})
+                for j in range(ids.shape[0]):
+                    recorder.write(i + j, logp[j])
             if reference is not None:
-                ref = torch.from_numpy(np.array(reference.logprobs[i : i + ids.shape[0]])).float()
-                # KL of the renormalized reference p/Z in one pass over exp:
-                # sum p/Z (log p - log Z - log q) = sum p (log p - log q) / Z - log Z
-                p = ref.exp()
-                z = p.sum(-1)
-                kl = (p * (ref - logp)).sum(-1) / z - z.log()
-                kl_sum += float(kl.double().sum())
+                for j in range(ids.shape[0]):
+                    kl_sum += float(reference.kl(i + j, logp[j]).double().sum())
                 ref_top = torch.from_numpy(reference.argmax[i : i + ids.shape[0]]).long()
                 agree += int((logp.argmax(-1) == ref_top).sum())
         nll = nll_sum / count

@@ -18,7 +18,7 @@ bundled with llama-cpp-python 0.3.36, so that our files have the same layout as
   columns) is replaced: Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and a
   32-wide type that still does not fit -> F16.
 
-benchmarks/gguf.py checks the result on SmolLM2 against llama.cpp's own files: every
+benchmarks/gguf_llamacpp.py checks the result on SmolLM2 against llama.cpp's own files: every
 preset's 272 tensors get the same types.
 
 Rules that only fire for mixture-of-experts models, the 70B-class attn_v bump, Falcon

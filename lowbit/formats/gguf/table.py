@@ -99,7 +99,7 @@ def row_bytes(qtype: str | int | GGMLQuantizationType, width: int) -> int:
 # What llama.cpp's quantizer writes instead of a k-quant when a row's width is not a
 # multiple of 256 (llama-quant.cpp); if the substitute's block does not fit either, F16.
 # Q2_K/Q3_K -> Q4_0 is what the llama.cpp of llama-cpp-python 0.3.36 writes (older
-# releases used IQ4_NL); benchmarks/gguf.py compares every preset's per-tensor types with
+# releases used IQ4_NL); benchmarks/gguf_llamacpp.py compares every preset's per-tensor types with
 # llama.cpp's own files.
 FALLBACK = {
     GGMLQuantizationType.Q2_K: GGMLQuantizationType.Q4_0,

@@ -24,7 +24,7 @@ In one run:
 The peer runs in its own venv (benchmarks/peers/setup_llamacpp.sh) through a subprocess.
 Results go to benchmarks/results/gguf.json; files to --workdir (default /tmp/lowbit-gguf-bench).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gguf.py --threads 1 --markdown \
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gguf_llamacpp.py --threads 1 --markdown \
         [--peer-python ~/.cache/lowbit-peers/llamacpp/bin/python] [--gptq Q4_K_M Q3_K_M]
 """
 
@@ -45,9 +45,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from rtn import write_section  # noqa: E402  (one writer of BENCHMARKS.md sections)
-# Run as a script, this file's folder comes first on sys.path, where this very file
-# would shadow gguf-py's package `gguf`; drop it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 RESULTS = ROOT / "benchmarks" / "results" / "gguf.json"
 PEER = ROOT / "benchmarks" / "peers" / "llamacpp_run.py"
 DEFAULT_PEER_PYTHON = Path.home() / ".cache" / "lowbit-peers" / "llamacpp" / "bin" / "python"
@@ -365,7 +362,7 @@ def markdown(result: dict) -> str:
     rows = result["rows"]
     by = {(r["by"].split(" ")[0], r["preset"]): r for r in rows if "llamacpp" in r}
     lines = [
-        "## GGUF export, measured by llama.cpp (`benchmarks/gguf.py`)",
+        "## GGUF export, measured by llama.cpp (`benchmarks/gguf_llamacpp.py`)",
         "",
         f"SmolLM2-135M, fp32 perplexity {fp:.2f} (lowbit). Every file is loaded by llama.cpp (llama-cpp-python "
         f"{result.get('llama_cpp_python')}) and by lowbit (transformers' GGUF reader), and both compute the perplexity "
