@@ -51,9 +51,17 @@ class WeightSpec:
     observer: str = "minmax"
     scale_dtype: str = "float16"
     strict_groups: bool = False
+    # "int": the affine integer grid the fields above describe; any other name is a format
+    # of the family (lowbit.formats.names: nf4, nf4-dq, fp4, bcq3, ternary, codebook4, ...)
+    # with group_size as its group (NF4's block) and scale_dtype for its scales
+    format: str = "int"
 
     def __post_init__(self) -> None:
         _check_bits(self.bits, "weight bits")
+        if self.format != "int":
+            from .formats.names import check_format_name
+
+            check_format_name(self.format)
         gs = self.group_size
         if gs is not None and (not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0):
             raise LowbitError(f"group size must be a positive integer or None (per-channel), got {gs!r}")
@@ -66,6 +74,8 @@ class WeightSpec:
 
     def describe(self) -> str:
         g = "per-channel" if self.group_size is None else f"g{self.group_size}"
+        if self.format != "int":
+            return f"{self.format} {g}"
         kind = ("sym-restricted" if self.restricted else "sym") if self.symmetric else "asym"
         return f"W{self.bits} {g} {kind}"
 

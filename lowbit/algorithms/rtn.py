@@ -12,6 +12,8 @@ from typing import Any
 from torch import nn
 
 from ..config import WeightSpec
+from ..formats.base import quantize_matrix
+from ..formats.names import format_of
 from ..formats.weights import QuantizedWeight, quantize_weight
 from .base import Algorithm, register
 
@@ -23,4 +25,6 @@ class RTN(Algorithm):
     needs_weights = False
 
     def solve(self, name: str, module: nn.Module, spec: WeightSpec, stats: Any) -> QuantizedWeight:
+        if spec.format != "int":  # a format of the family: fit each group, nearest value
+            return quantize_matrix(format_of(spec), module.weight, name=name)
         return quantize_weight(module.weight, spec, name=name)
