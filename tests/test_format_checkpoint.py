@@ -109,3 +109,25 @@ def test_integer_exports_refuse_other_formats(tiny_dir, tmp_path):
     name, m = next(iter(_layers(model).items()))
     with pytest.raises(LowbitError, match="holds nf4 weights, which GPTQ cannot store"):
         check_groups(name, m, "GPTQ")
+
+
+def test_cli_format_flag_and_inspect(tiny_dir, tmp_path, cache):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from tests.test_cli import SMALL
+
+    runner = CliRunner()
+    out = tmp_path / "q"
+    r = runner.invoke(app, ["quantize", str(tiny_dir), "--method", "rtn", "--format", "bcq2", "-g", "32", "--no-eval", "-o", str(out), *SMALL])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["inspect", str(out)])
+    assert r.exit_code == 0 and "bcq2 g32" in r.output, r.output
+    row = {x["layer"]: x for x in inspect_checkpoint(out)["layers"]}["model.layers.0.mlp.down_proj"]
+    # 2-bit codes + two float16 scales per (row, group of 32): 3 bits per weight exactly
+    assert row["bits_per_weight"] == pytest.approx(3.0)
+    r = runner.invoke(app, ["quantize", str(tiny_dir), "--format", "nf5", "--no-eval", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "unknown weight format 'nf5'" in r.stderr
+    r = runner.invoke(app, ["quantize", str(tiny_dir), "--format", "int3", "-g", "32", "--no-eval", "-o", str(tmp_path / "i3"), *SMALL])
+    assert r.exit_code == 0, r.output
+    assert read_meta(tmp_path / "i3")["quantization"]["weight"]["bits"] == 3

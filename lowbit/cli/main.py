@@ -69,6 +69,19 @@ def parse_group_size(text: str) -> int | None:
     return v
 
 
+def parse_weight_format(text: str | None, bits: int) -> tuple[int, str]:
+    """--format: (bits, WeightSpec.format). int<k> is the affine shorthand for --bits k."""
+    if text is None:
+        return bits, "int"
+    t = text.strip().lower()
+    if t.startswith("int") and t[3:].isdigit():
+        return int(t[3:]), "int"
+    from ..formats.names import check_format_name
+
+    check_format_name(t)
+    return bits, t
+
+
 def _value(text: str):
     for conv in (int, float):
         try:
@@ -127,6 +140,7 @@ def quantize(
     observer: Annotated[str, typer.Option("--observer", help="Weight range: minmax, or mse (search the clipping ratio per group).")] = "minmax",
     scale_dtype: Annotated[str, typer.Option("--scale-dtype", help="Storage dtype of weight scales: float16, bfloat16, float32.")] = "float16",
     strict_groups: Annotated[bool, typer.Option("--strict-groups", help="Fail when the group size does not divide a layer's input width.")] = False,
+    weight_format: Annotated[Optional[str], typer.Option("--format", "-f", help="Weight format: int2..int8 (the affine grid, as --bits), nf4, nf4-dq, fp4, fp4-dq (bitsandbytes; -g is the block size), bcq1..bcq4[-offset], ternary, ternary-tq1, codebook1..codebook8. Default: the affine grid of --bits/--asym.")] = None,
     no_weights: Annotated[bool, typer.Option("--no-weights", help="Keep weights in float32 and quantize only activations (needs --act-bits).")] = False,
     act_bits: Annotated[int, typer.Option("--act-bits", help="Activation bits for the input of every quantized Linear; 0 leaves activations in float.")] = 0,
     act: Annotated[str, typer.Option("--act", help="Activation scales: 'dynamic' (computed per input at run time) or 'static' (fixed from calibration data).")] = "dynamic",
@@ -156,9 +170,10 @@ def quantize(
     from ..config import ActSpec, QuantConfig, WeightSpec
     from ..evaluation.plots import plot_layer_errors
 
+    bits, fmt = parse_weight_format(weight_format, bits)
     weight = None if no_weights else WeightSpec(
         bits=bits, group_size=parse_group_size(group_size), symmetric=not asym, restricted=restricted,
-        observer=observer, scale_dtype=scale_dtype, strict_groups=strict_groups,
+        observer=observer, scale_dtype=scale_dtype, strict_groups=strict_groups, format=fmt,
     )
     if act not in ("dynamic", "static"):
         raise LowbitError(f"--act must be dynamic or static, got {act!r}")
