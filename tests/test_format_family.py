@@ -30,6 +30,8 @@ FORMATS = [
     ("bcq", {"bits": 4, "offset": True}),
     ("codebook", {"bits": 2}),
     ("codebook", {"bits": 4, "group_size": 32}),
+    ("mixed", {}),
+    ("mixed", {"choices": (2, 3, 4), "group_size": 32}),
 ]
 IDS = [k + "".join(f"-{a}{b}" for a, b in kw.items()) for k, kw in FORMATS]
 
@@ -245,3 +247,40 @@ def test_codebook_fast_kmeans_equals_reference_and_beats_a_uniform_grid():
     e_cb = (quantize_matrix(fmt, w).dequantize() - w).pow(2).sum()
     e_int = (quantize_matrix(make_format("int", bits=3, symmetric=False), w).dequantize() - w).pow(2).sum()
     assert e_cb < e_int
+
+
+def test_mixed_widths_follow_salience_and_are_stored_at_their_width():
+    from lowbit.formats.mixed import allocate_bits
+
+    assert allocate_bits(torch.tensor([5.0, 1.0, 3.0, 0.5, 2.0, 4.0, 0.1, 9.0]), (1, 2, 3), 0.25).tolist() == [3, 2, 2, 1, 2, 2, 1, 3]
+    w = layer(rows=8, cols=256)
+    w[:, 64:128] *= 10  # the most salient group
+    fmt = make_format("mixed")
+    enc = quantize_matrix(fmt, w)
+    bits = fmt.pack(enc)["group_bits"].tolist()
+    assert bits[1] == 3 and sorted(bits) == [1, 2, 2, 3]
+    t = fmt.pack(enc)
+    assert t["qweight_b1"].shape == (8, 8) and t["qweight_b2"].shape == (8, 32) and t["qweight_b3"].shape == (8, 24)
+    assert fmt.bits_per_weight(enc) == pytest.approx(2 + 8 * (2 + 1) / 64 + 8 * 4 / (8 * 256))
+
+
+def test_outliers_on_any_format_exact_and_accounted():
+    from lowbit.formats.outliers import WithOutliers
+
+    w = layer(rows=16, cols=200)
+    w[2, 5], w[9, 150] = 3.0, -2.5
+    for kind, kw in (("bcq", {"bits": 2}), ("nf4", {}), ("mixed", {})):
+        base = make_format(kind, **kw)
+        fmt = WithOutliers(base, 0.01)
+        ow = fmt.quantize(w)
+        k = round(0.01 * w.numel())
+        assert ow.values.numel() == k
+        deq = ow.dequantize()
+        assert deq[2, 5] == 3.0 and deq[9, 150] == -2.5  # the largest weights, exact in float16
+        back = fmt.unpack({n: v.clone() for n, v in fmt.pack(ow).items()}, *w.shape)
+        assert torch.equal(back.dequantize(), deq)
+        assert fmt.nbytes(ow) == base.nbytes(ow.base) + 6 * k
+        plain = (quantize_matrix(base, w).dequantize() - w).pow(2).sum()
+        assert (deq - w).pow(2).sum() < plain
+    with pytest.raises(LowbitError, match="outlier positions outside"):
+        fmt.unpack({**fmt.pack(ow), "outlier_rows": torch.full((k,), 99, dtype=torch.int16)}, *w.shape)

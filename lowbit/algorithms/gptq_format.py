@@ -32,7 +32,7 @@ class FormatSolve:
 
 
 def needs_static(fmt: WeightFormat) -> bool:
-    return bool(getattr(fmt, "double_quant", False))
+    return fmt.static_params or bool(getattr(fmt, "double_quant", False))
 
 
 def _slice(params: dict[str, torch.Tensor], g: int) -> dict[str, torch.Tensor]:
@@ -64,7 +64,8 @@ def gptq_format(
     n_groups = math.ceil(n / gs)
     natural_g = default_g_idx(n, fmt.group_size)
     static = static_groups or needs_static(fmt)
-    fixed = quantize_matrix(fmt, W, name) if static else None
+    # fixed up front: weighted by the Hessian diagonal where the format weighs its fit
+    fixed = quantize_matrix(fmt, W, name, importance=torch.diagonal(H) if fmt.static_params else None) if static else None
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]

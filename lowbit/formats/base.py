@@ -42,7 +42,7 @@ def register(cls: type[WeightFormat]) -> type[WeightFormat]:
 
 
 def load_all() -> None:
-    from . import affine, bcq, codebook, normal_float, ternary  # noqa: F401  (importing registers them)
+    from . import affine, bcq, codebook, mixed, normal_float, ternary  # noqa: F401  (importing registers them)
 
 
 def make_format(kind: str, **fields: Any) -> WeightFormat:
@@ -77,6 +77,7 @@ class WeightFormat:
     """Base class: subclasses set ``kind`` and implement fit / encode / decode / pack."""
 
     kind: ClassVar[str] = ""
+    static_params: ClassVar[bool] = False  # True: parameters need the whole matrix (GPTQ fixes them up front)
     group_size: int | None = 64
 
     # --- per-group math: subclasses ---------------------------------------------------

@@ -6,6 +6,7 @@
     bcq1 .. bcq4         binary codes, k scales per (row, group); bcqK-offset adds a shift
     ternary, ternary-tq1 alpha·{-1, 0, 1}, 2-bit or 1.6-bit (TQ1_0-style) packing
     codebook1 .. codebook8  2^k learned float16 centroids per (row, group)
+    mixed123             per-group widths 1/2/3 bits by salience (SliM-LLM), the digits the choices
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ _PATTERNS = (
     (r"bcq([1-4])(-offset)?", lambda m, gs, sd: make_format("bcq", bits=int(m[1]), group_size=gs, offset=bool(m[2]), scale_dtype=sd)),
     (r"ternary(-tq1)?", lambda m, gs, sd: make_format("ternary", group_size=gs, packing="tq1" if m[1] else "2bit", scale_dtype=sd)),
     (r"codebook([1-8])", lambda m, gs, sd: make_format("codebook", bits=int(m[1]), group_size=gs, scale_dtype=sd)),
+    (r"mixed([1-8]{2,3})", lambda m, gs, sd: make_format("mixed", choices=tuple(sorted({int(c) for c in m[1]})), group_size=gs)),
 )
-NAMES = "int, nf4, nf4-dq, fp4, fp4-dq, bcq1..bcq4[-offset], ternary, ternary-tq1, codebook1..codebook8"
+NAMES = "int, nf4, nf4-dq, fp4, fp4-dq, bcq1..bcq4[-offset], ternary, ternary-tq1, codebook1..codebook8, mixed123 (per-group widths)"
 
 
 def check_format_name(name: str) -> None:
