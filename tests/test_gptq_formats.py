@@ -51,3 +51,19 @@ def test_gptq_on_affine_format_equals_gptq_quantize(static_groups, symmetric):
     assert torch.equal(res.enc.g_idx, ref.qweight.g_idx)
     assert torch.equal(res.enc.params["scale"], ref.qweight.scale)
     assert torch.equal(res.enc.dequantize(), ref.qweight.dequantize())
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "bcq3", "codebook3", "ternary"])
+def test_awq_scale_search_fake_quantizes_in_the_format(fmt):
+    from lowbit.algorithms.awq import rtn_dequant, search_scale
+    from lowbit.formats.names import format_of
+
+    W, H = problem(rows=32, cols=128, seed=5)
+    spec = WeightSpec(group_size=64, format=fmt)
+    assert torch.equal(rtn_dequant(W, spec), quantize_matrix(format_of(spec), W).dequantize())
+    s = torch.linspace(0.5, 2.0, 128)
+    assert torch.equal(rtn_dequant(W, spec, s), quantize_matrix(format_of(spec), W * s).dequantize() / s)
+    mean_abs = torch.diagonal(H).sqrt()  # channels of larger input matter more: scaling them helps
+    res = search_scale([W], [spec], H, mean_abs)
+    assert res.rtn_error == pytest.approx(float(((W - rtn_dequant(W, spec)) @ H * (W - rtn_dequant(W, spec))).sum()), rel=1e-5)
+    assert min(res.errors) <= res.rtn_error
