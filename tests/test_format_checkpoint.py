@@ -131,3 +131,20 @@ def test_cli_format_flag_and_inspect(tiny_dir, tmp_path, cache):
     r = runner.invoke(app, ["quantize", str(tiny_dir), "--format", "int3", "-g", "32", "--no-eval", "-o", str(tmp_path / "i3"), *SMALL])
     assert r.exit_code == 0, r.output
     assert read_meta(tmp_path / "i3")["quantization"]["weight"]["bits"] == 3
+
+
+def test_outliers_through_the_runner_and_checkpoint(tiny_dir, tmp_path):
+    model, tok, _ = lowbit.load(str(tiny_dir))
+    config = QuantConfig(method="rtn", weight=WeightSpec(group_size=32, format="bcq2", outliers=0.01))
+    report = lowbit.quantize(model, config, progress=False)
+    out = lowbit.save(model, tok, tmp_path / "ckpt", report)
+    again, _, _ = lowbit.load(str(out))
+    ids = calib(len(tok))[:2]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
+    name, m = next(iter(_layers(model).items()))
+    k = round(0.01 * m.in_features * m.out_features)
+    row = {r["layer"]: r for r in inspect_checkpoint(out)["layers"]}[name]
+    assert row["bytes"] == m.fmt.base.nbytes(m.encoded.base) + 6 * k and "outliers" in row["format"]
+    with pytest.raises(LowbitError, match="GPTQ with float outliers"):
+        lowbit.quantize(lowbit.load(str(tiny_dir))[0], QuantConfig(method="gptq", weight=WeightSpec(format="nf4", outliers=0.01)), calib(len(tok)), progress=False)

@@ -275,7 +275,7 @@ class GPTQ(Algorithm):
         if stats is None or stats.n == 0:
             raise LowbitError(f"layer {names[0]}: GPTQ needs calibration inputs, and this layer saw none")
         o = self.options
-        if specs[0].format != "int":
+        if specs[0].in_family:
             return self._solve_format(names, modules, specs, stats)
         if all(sp == specs[0] for sp in specs):  # one stacked solve: rows are independent
             W = torch.cat([m.weight.detach().float() for m in modules])
@@ -299,6 +299,8 @@ class GPTQ(Algorithm):
         from .gptq_format import gptq_format, needs_static
 
         o = self.options
+        if any(sp.outliers for sp in specs):
+            raise LowbitError(f"layer {names[0]}: GPTQ with float outliers is not supported yet (use rtn or awq)")
         fmt = format_of(specs[0])
         if len(modules) > 1 and (needs_static(fmt) or any(sp != specs[0] for sp in specs)):
             return [self._solve_format([n], [m], [sp], stats)[0] for n, m, sp in zip(names, modules, specs)]
@@ -316,7 +318,7 @@ class GPTQ(Algorithm):
     def layer_record(self, name: str, module: nn.Module, qweight: QuantizedWeight, stats: Any) -> dict:
         W = module.weight.detach().float()
         spec = self.config.weight_spec_for(name)
-        if spec.format != "int":
+        if spec.in_family:
             from ..formats.base import quantize_matrix
             from ..formats.names import format_of
 

@@ -25,6 +25,6 @@ class RTN(Algorithm):
     needs_weights = False
 
     def solve(self, name: str, module: nn.Module, spec: WeightSpec, stats: Any) -> QuantizedWeight:
-        if spec.format != "int":  # a format of the family: fit each group, nearest value
+        if spec.in_family:  # a format of the family: fit each group, nearest value
             return quantize_matrix(format_of(spec), module.weight, name=name)
         return quantize_weight(module.weight, spec, name=name)

@@ -281,7 +281,7 @@ _NOT_WEIGHT = ("bias", "act_scale", "act_zero")
 def _unpack_format_layer(name: str, layer: QuantLinear, tensors: dict[str, torch.Tensor]):
     """The Encoded weight of a format layer, its tensors taken out of ``tensors``."""
     prefix = name + "."
-    own = [k for k in tensors if k.startswith(prefix) and "." not in k[len(prefix):] and k[len(prefix):] not in _NOT_WEIGHT]
+    own = [k for k in tensors if k.startswith(prefix) and k[len(prefix):] not in _NOT_WEIGHT]  # a QuantLinear is a leaf
     parts = {k[len(prefix):]: tensors.pop(k) for k in own}
     g_idx = parts.pop("g_idx", None)
     if g_idx is None:

@@ -216,6 +216,8 @@ def quantize_matrix(
 ) -> Encoded:
     """Round-to-nearest of w [rows, cols] in ``fmt``: fit every group, encode, finish.
     ``importance`` [cols] weighs the fit (formats that use it)."""
+    if hasattr(fmt, "quantize"):  # a wrapper with a matrix-level step (formats.outliers)
+        return fmt.quantize(w, name, importance=importance)
     w = check_weight(w, name, fmt)
     g_idx = default_g_idx(w.shape[1], fmt.group_size) if g_idx is None else g_idx.to(torch.int32)
     n_groups = int(g_idx.max()) + 1 if g_idx.numel() else 1

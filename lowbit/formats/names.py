@@ -31,8 +31,17 @@ def check_format_name(name: str) -> None:
         raise LowbitError(f"unknown weight format {name!r}; expected one of {NAMES}")
 
 
-def format_of(spec) -> WeightFormat:
-    """The format object of a WeightSpec."""
+def format_of(spec):
+    """The format object of a WeightSpec (wrapped with its float16 outliers, if any)."""
+    base = _base_format(spec)
+    if spec.outliers:
+        from .outliers import WithOutliers
+
+        return WithOutliers(base, float(spec.outliers))
+    return base
+
+
+def _base_format(spec) -> WeightFormat:
     if spec.format == "int":
         from .affine import AffineInt
 

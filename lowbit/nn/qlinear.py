@@ -50,7 +50,7 @@ class QuantLinear(nn.Module):
         self.encoded = None  # formats other than "int": the Encoded weight (lowbit.formats.base)
         if wspec is None:
             self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        elif wspec.format != "int":
+        elif wspec.format != "int" or wspec.outliers:
             from ..formats.names import format_of
 
             self.fmt = format_of(wspec)
@@ -98,7 +98,7 @@ class QuantLinear(nn.Module):
     @property
     def holds_format(self) -> bool:
         """Whether the weight is in a format of the family other than the affine grid."""
-        return self.wspec is not None and self.wspec.format != "int"
+        return self.wspec is not None and (self.wspec.format != "int" or bool(self.wspec.outliers))
 
     def quantized_weight(self) -> QuantizedWeight:
         assert self.wspec is not None
