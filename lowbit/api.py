@@ -166,6 +166,10 @@ def storage_summary(model: torch.nn.Module) -> dict[str, Any]:
     for m in quant_layers(model).values():
         if m.wspec is None:
             continue
+        if m.holds_format:  # the packed tensors' own byte counts
+            qbytes += m.fmt.nbytes(m.encoded)
+            qweights += m.out_features * m.in_features
+            continue
         st = weight_storage(m.out_features, m.in_features, m.wspec, stores_g_idx=False)
         qbytes += st.total
         qweights += st.n_weights

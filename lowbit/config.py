@@ -135,9 +135,23 @@ class WeightSpec:
     observer: str = "minmax"
     scale_dtype: str = "float16"
     strict_groups: bool = False
+    # "int": the affine integer grid the fields above describe; any other name is a format
+    # of the family (lowbit.formats.names: nf4, nf4-dq, fp4, bcq3, ternary, codebook4, ...)
+    # with group_size as its group (NF4's block) and scale_dtype for its scales
+    format: str = "int"
+    # share of each matrix's weights kept as exact float16 outliers (row, column, value) on
+    # top of the format (formats.outliers); 0: none. RTN and AWQ only.
+    outliers: float = 0.0
 
     def __post_init__(self) -> None:
         _check_bits(self.bits, "weight bits")
+        o = self.outliers
+        if isinstance(o, bool) or not isinstance(o, (int, float)) or not 0 <= o < 0.5:
+            raise LowbitError(f"outlier share must be a number in [0, 0.5), got {o!r}")
+        if self.format != "int":
+            from .formats.names import check_format_name
+
+            check_format_name(self.format)
         gs = self.group_size
         if gs is not None and (not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0):
             raise LowbitError(f"group size must be a positive integer or None (per-channel), got {gs!r}")
@@ -148,8 +162,16 @@ class WeightSpec:
         if self.restricted and not self.symmetric:
             raise LowbitError("restricted range applies to symmetric quantization only")
 
+    @property
+    def in_family(self) -> bool:
+        """Stored through lowbit.formats.base (any format but the plain affine grid)."""
+        return self.format != "int" or bool(self.outliers)
+
     def describe(self) -> str:
         g = "per-channel" if self.group_size is None else f"g{self.group_size}"
+        if self.in_family:
+            name = self.format if self.format != "int" else f"int{self.bits} {'sym' if self.symmetric else 'asym'}"
+            return f"{name} {g}" + (f" +{100 * self.outliers:g}% fp16 outliers" if self.outliers else "")
         kind = ("sym-restricted" if self.restricted else "sym") if self.symmetric else "asym"
         return f"W{self.bits} {g} {kind}"
 

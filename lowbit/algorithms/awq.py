@@ -45,6 +45,8 @@ from torch import nn
 from ..config import WeightSpec
 from ..errors import LowbitError
 from ..formats.integer import qparams_from_range, torch_dtype
+from ..formats.base import quantize_matrix
+from ..formats.names import format_of
 from ..formats.weights import QuantizedWeight, default_g_idx, grid_of, group_range, quantize_weight
 from ..models.arch import scaling_pairs
 from ..runner import BlockContext
@@ -113,7 +115,9 @@ def fake_quant_minmax(W: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
 def rtn_dequant(W: torch.Tensor, spec: WeightSpec, s: torch.Tensor | None = None) -> torch.Tensor:
     """Round-to-nearest of W (of W diag(s) when s is given, mapped back by 1/s)."""
     Ws = W if s is None else W * s
-    if spec.observer == "minmax" and (spec.group_size is None or W.shape[1] % spec.group_size == 0):
+    if spec.in_family:  # any format of the family: its own round-to-nearest
+        Q = quantize_matrix(format_of(spec), Ws).dequantize()
+    elif spec.observer == "minmax" and (spec.group_size is None or W.shape[1] % spec.group_size == 0):
         Q = fake_quant_minmax(Ws, spec)
     else:
         Q = quantize_weight(Ws, spec).dequantize()
@@ -321,7 +325,7 @@ class AWQ(Algorithm):
                 s = col_scale[n]
                 Hn = Hn / s.unsqueeze(0) / s.unsqueeze(1)
             rec = self._records[ctx.full_name(n)]
-            if o.clip and n.rsplit(".", 1)[-1] not in NO_CLIP:
+            if o.clip and not specs[n].in_family and n.rsplit(".", 1)[-1] not in NO_CLIP:  # the clip search is over int ranges
                 res = search_clip(W, Hn, specs[n], o.clip_grid, o.max_shrink)
                 self._qparams[ctx.full_name(n)] = (specs[n], res.scale, res.zero)
                 W_hat = quantize_weight(W, specs[n], qparams=(res.scale, res.zero)).dequantize()
@@ -334,6 +338,8 @@ class AWQ(Algorithm):
 
     def solve(self, name: str, module: nn.Module, spec: WeightSpec, stats: Any) -> QuantizedWeight:
         found = self._qparams.pop(name, None)
+        if spec.in_family:
+            return quantize_matrix(format_of(spec), module.weight, name=name)
         if found is not None and found[0] == spec:
             return quantize_weight(module.weight, spec, name=name, qparams=(found[1], found[2]))
         return quantize_weight(module.weight, spec, name=name)

@@ -276,6 +276,8 @@ class GPTQ(Algorithm):
         if stats is None or stats.n == 0:
             raise LowbitError(f"layer {names[0]}: GPTQ needs calibration inputs, and this layer saw none")
         o = self.options
+        if specs[0].in_family:
+            return self._solve_format(names, modules, specs, stats)
         if all(sp == specs[0] for sp in specs):  # one stacked solve: rows are independent
             W = torch.cat([m.weight.detach().float() for m in modules])
             res = gptq_quantize(W, stats.H, specs[0], o.damp_percent, o.block_size, o.act_order, o.static_groups, names[0])
@@ -289,9 +291,41 @@ class GPTQ(Algorithm):
             return out
         return [self.solve_many([n], [m], [sp], stats)[0] for n, m, sp in zip(names, modules, specs)]
 
+    def _solve_format(self, names, modules, specs, stats) -> list:
+        """GPTQ on a format of the family (algorithms.gptq_format). Layers sharing the input
+        are stacked when their formats agree and need no whole-matrix step (NF4's double
+        quantization does: its nested constants belong to one matrix)."""
+        from ..formats.base import Encoded
+        from ..formats.names import format_of
+        from .gptq_format import gptq_format, needs_static
+
+        o = self.options
+        if any(sp.outliers for sp in specs):
+            raise LowbitError(f"layer {names[0]}: GPTQ with float outliers is not supported yet (use rtn or awq)")
+        fmt = format_of(specs[0])
+        if len(modules) > 1 and (needs_static(fmt) or any(sp != specs[0] for sp in specs)):
+            return [self._solve_format([n], [m], [sp], stats)[0] for n, m, sp in zip(names, modules, specs)]
+        W = torch.cat([m.weight.detach().float() for m in modules])
+        res = gptq_format(W, stats.H, fmt, o.damp_percent, o.block_size, o.act_order, o.static_groups, names[0])
+        out, row = [], 0
+        for m in modules:
+            k = m.weight.shape[0]
+            e = res.enc
+            out.append(e if len(modules) == 1 else Encoded(fmt, e.codes[row : row + k], {n: v[row : row + k] for n, v in e.params.items()}, e.g_idx, e.extra))
+            self._extra[id(m)] = (float(res.loss[row : row + k].sum()), res.damp, res.dead)
+            row += k
+        return out
+
     def layer_record(self, name: str, module: nn.Module, qweight: QuantizedWeight, stats: Any) -> dict:
         W = module.weight.detach().float()
-        rtn = quantize_weight(W, self.config.weight_spec_for(name), name=name).dequantize()
+        spec = self.config.weight_spec_for(name)
+        if spec.in_family:
+            from ..formats.base import quantize_matrix
+            from ..formats.names import format_of
+
+            rtn = quantize_matrix(format_of(spec), W, name=name).dequantize()
+        else:
+            rtn = quantize_weight(W, spec, name=name).dequantize()
         loss, damp, dead = self._extra.pop(id(module), (None, None, None))
         err, rtn_err = output_errors(W, [qweight.dequantize(), rtn], stats.H)
         row = {

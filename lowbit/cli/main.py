@@ -74,6 +74,20 @@ def parse_group_size(text: str, what: str = "--group-size") -> int | None:
     return v
 
 
+def parse_weight_format(text: str | None, bits: int | None) -> tuple[int | None, str | None]:
+    """--format: (bits, WeightSpec.format; None when not given). int<k> is the affine
+    shorthand for --bits k."""
+    if text is None:
+        return bits, None
+    t = text.strip().lower()
+    if t.startswith("int") and t[3:].isdigit():
+        return int(t[3:]), "int"
+    from ..formats.names import check_format_name
+
+    check_format_name(t)
+    return bits, t
+
+
 def parse_assignments(items: list[str], what: str) -> dict[str, str]:
     """['a=1', 'b=x'] -> {'a': '1', 'b': 'x'}: values stay strings, parsed later by the
     declared type of the field they set (an option, a weight format field)."""
@@ -125,6 +139,7 @@ def quantize(
     observer: Annotated[str, typer.Option("--observer", help="Weight range: minmax, or mse (search the clipping ratio per group).")] = "minmax",
     scale_dtype: Annotated[str, typer.Option("--scale-dtype", help="Storage dtype of weight scales: float16, bfloat16, float32.")] = "float16",
     strict_groups: Annotated[bool, typer.Option("--strict-groups", help="Fail when the group size does not divide a layer's input width.")] = False,
+    weight_format: Annotated[Optional[str], typer.Option("--format", "-f", help="Weight format: int2..int8 (the affine grid, as --bits), nf4, nf4-dq, fp4, fp4-dq (bitsandbytes; -g is the block size), bcq1..bcq4[-offset], ternary, ternary-tq1, codebook1..codebook8. Default: the affine grid of --bits/--asym.")] = None,
     no_weights: Annotated[bool, typer.Option("--no-weights", help="Keep weights in float32 and quantize only activations (needs --act-bits).")] = False,
     act_bits: Annotated[Optional[int], typer.Option("--act-bits", help="Activation bits for the input of every quantized Linear; 0 leaves activations in float. Default: the method's (8 for smoothquant, llm-int8, zeroquant; float for the others).", show_default=False)] = None,
     act: Annotated[str, typer.Option("--act", help="Activation scales: 'dynamic' (computed per input at run time) or 'static' (fixed from calibration data).")] = "dynamic",
@@ -156,7 +171,10 @@ def quantize(
     from ..evaluation.plots import plot_layer_errors
 
     # what the user said; method_config fills the rest with the method's own defaults
+    bits, fmt = parse_weight_format(weight_format, bits)
     weight = {"restricted": restricted, "observer": observer, "scale_dtype": scale_dtype, "strict_groups": strict_groups}
+    if fmt is not None:
+        weight["format"] = fmt
     for key, given in (("bits", bits), ("symmetric", None if asym is None else not asym),
                        ("group_size", None if group_size is None else parse_group_size(group_size))):
         if given is not None or (key == "group_size" and group_size is not None):

@@ -11,7 +11,10 @@ Per quantized Linear ``L`` the safetensors file holds
     L.qzeros    uint8 [out, ceil(n_groups*bits/8)]  zero points, packed (asymmetric only)
     L.g_idx     int32 [in]  only when it is not the trivial column // group_size map
     L.bias      float32, L.act_scale / L.act_zero (static activation quantization)
-or L.weight (float32) when only its activations are quantized. Tied weights are stored
+or, for a layer in another format of the family (WeightSpec.format: nf4, bcq3, ternary,
+codebook4, ...; format version 2), that format's own packed tensors ``L.<name>``
+(``formats.base.WeightFormat.pack``: L.qweight plus its parameters) and L.g_idx when not
+trivial; or L.weight (float32) when only its activations are quantized. Tied weights are stored
 once. Everything is written into a temporary folder that is renamed when complete.
 """
 
@@ -38,7 +41,8 @@ from ..nn.qlinear import QuantLinear, set_submodule
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "lowbit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: layers in any format of the family (WeightSpec.format)
+READABLE_VERSIONS = (1, 2)  # version 1 files are integer-grid layers only, read as such
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "lowbit_config.json"
 
@@ -48,6 +52,18 @@ def quant_layers(model: torch.nn.Module) -> dict[str, QuantLinear]:
 
 
 def _layer_entry(m: QuantLinear) -> dict:
+    if m.holds_format:
+        enc = m.encoded
+        return {
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "bias": m.bias is not None,
+            "n_groups": int(enc.g_idx.max()) + 1,
+            "g_idx": not torch.equal(enc.g_idx, default_g_idx(m.in_features, m.wspec.group_size)),
+            "weight": dataclasses.asdict(m.wspec),
+            "act": None if m.aspec is None else dataclasses.asdict(m.aspec),
+            "format": m.fmt.describe(),
+        }
     return {
         "in_features": m.in_features,
         "out_features": m.out_features,
@@ -94,6 +110,21 @@ def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                 out[name] = t.contiguous()
         else:
             out[name] = t.detach().contiguous()
+    for owner, m in qlayers.items():
+        if m.holds_format:
+            out.update(format_tensors(owner, m))
+    return out
+
+
+def format_tensors(name: str, m: QuantLinear) -> dict[str, torch.Tensor]:
+    """The stored tensors of a layer in a format of the family: its packed form, and its
+    g_idx when not the trivial column // group_size map."""
+    if m.encoded is None:
+        raise LowbitError(f"layer {name} holds no {m.wspec.format} weights to save")
+    # clones: layers solved as one stack hold views of one tensor, which safetensors refuses
+    out = {f"{name}.{k}": v.contiguous().clone() for k, v in m.fmt.pack(m.encoded).items()}
+    if not torch.equal(m.encoded.g_idx, default_g_idx(m.in_features, m.wspec.group_size)):
+        out[f"{name}.g_idx"] = m.encoded.g_idx.clone()
     return out
 
 
@@ -152,7 +183,7 @@ def read_meta(folder: str | Path) -> dict:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LowbitError(f"{path} is not valid JSON ({e})") from None
-    if meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format") != FORMAT_NAME or meta.get("format_version") not in READABLE_VERSIONS:
         raise LowbitError(f"{path}: unsupported checkpoint format {meta.get('format')!r} version {meta.get('format_version')!r}")
     if not (folder / WEIGHTS_FILE).is_file():
         raise LowbitError(f"checkpoint {folder} has no {WEIGHTS_FILE}")
@@ -163,10 +194,17 @@ def read_meta(folder: str | Path) -> dict:
 _LAYER_KEYS = {"in_features": int, "out_features": int, "bias": bool, "n_groups": int, "g_idx": bool}
 
 
+# Fields added after format version 1: checkpoints of that version lack them and mean
+# these values (the affine grid, no outliers). Every other field must be stored.
+_LATER_FIELDS = {WeightSpec: {"format": "int", "outliers": 0.0}}
+
+
 def spec_from_stored(cls, d, what: str):
-    """A WeightSpec/ActSpec from a stored dict that must name every field (no defaults)."""
+    """A WeightSpec/ActSpec from a stored dict that must name every field (no defaults,
+    except what version 1 could not store: _LATER_FIELDS)."""
     if not isinstance(d, dict):
         raise LowbitError(f"{what} must be an object, got {type(d).__name__}")
+    d = {**_LATER_FIELDS.get(cls, {}), **d}
     names = [f.name for f in dataclasses.fields(cls)]
     missing = [n for n in names if n not in d]
     if missing:
@@ -262,7 +300,9 @@ def load_checkpoint(folder: str | Path, verify: bool = True):
             raise LowbitError(f"{CONFIG_FILE} names layer {name}, which the model does not have") from None
         layer = _build_layer(name, entry)
         set_submodule(model, name, layer)
-        if layer.wspec is not None:
+        if layer.holds_format:
+            layer.encoded = _unpack_format_layer(name, layer, tensors)
+        elif layer.wspec is not None:
             state.update(_unpack_layer(name, layer, tensors))
     for k, t in tensors.items():
         state.setdefault(k, t)
@@ -304,3 +344,25 @@ def _unpack_layer(name: str, layer: QuantLinear, tensors: dict[str, torch.Tensor
     if int(out[f"{name}.g_idx"].max()) >= n_groups:
         raise LowbitError(f"layer {name}: g_idx points past its {n_groups} groups")
     return out
+
+
+_NOT_WEIGHT = ("bias", "act_scale", "act_zero")
+
+
+def _unpack_format_layer(name: str, layer: QuantLinear, tensors: dict[str, torch.Tensor]):
+    """The Encoded weight of a format layer, its tensors taken out of ``tensors``."""
+    prefix = name + "."
+    own = [k for k in tensors if k.startswith(prefix) and k[len(prefix):] not in _NOT_WEIGHT]  # a QuantLinear is a leaf
+    parts = {k[len(prefix):]: tensors.pop(k) for k in own}
+    g_idx = parts.pop("g_idx", None)
+    if g_idx is None:
+        g_idx = default_g_idx(layer.in_features, layer.wspec.group_size)
+    if g_idx.shape != (layer.in_features,) or g_idx.numel() == 0 or int(g_idx.min()) < 0:
+        raise LowbitError(f"layer {name}: g_idx has shape {tuple(g_idx.shape)} or negative entries")
+    try:
+        enc = layer.fmt.unpack(parts, layer.out_features, layer.in_features, g_idx.to(torch.int32))
+    except LowbitError as e:
+        raise LowbitError(f"layer {name}: {e}") from None
+    if not torch.isfinite(enc.dequantize()).all():
+        raise LowbitError(f"layer {name}: its {layer.wspec.format} weights decode to non-finite values")
+    return enc

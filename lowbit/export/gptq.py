@@ -113,6 +113,8 @@ def float_tensors(model: nn.Module, qlayers: dict[str, QuantLinear]) -> dict[str
 def check_groups(name: str, m: QuantLinear, fmt: str) -> int | None:
     """The layer's group size (None: per-channel) after refusing what ``fmt`` cannot hold:
     a narrower last group (loaders size every group alike)."""
+    if m.holds_format:
+        raise LowbitError(f"layer {name} holds {m.wspec.format} weights, which {fmt} cannot store (integer grids only)")
     gs = m.wspec.group_size
     if gs is not None and m.in_features % gs:
         raise LowbitError(

@@ -47,8 +47,13 @@ class QuantLinear(nn.Module):
         self.out_features = out_features
         self.wspec = wspec
         self.aspec = aspec
+        self.encoded = None  # formats other than "int": the Encoded weight (lowbit.formats.base)
         if wspec is None:
             self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        elif wspec.format != "int" or wspec.outliers:
+            from ..formats.names import format_of
+
+            self.fmt = format_of(wspec)
         else:
             self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.uint8))
             self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=torch_dtype(wspec.scale_dtype)))
@@ -71,10 +76,12 @@ class QuantLinear(nn.Module):
         aspec: ActSpec | None = None,
         act_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> QuantLinear:
-        n_groups = 1 if qweight is None else qweight.scale.shape[1]
+        n_groups = 1 if qweight is None or not hasattr(qweight, "scale") else qweight.scale.shape[1]
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, wspec, aspec, n_groups)
         if qweight is None:
             m.weight.data.copy_(linear.weight.detach().float())
+        elif m.holds_format:
+            m.encoded = qweight
         else:
             m.codes.copy_(qweight.codes)
             m.scales.copy_(qweight.scale)
@@ -88,8 +95,15 @@ class QuantLinear(nn.Module):
             m.act_zero.copy_(act_qparams[1].reshape(()))
         return m
 
+    @property
+    def holds_format(self) -> bool:
+        """Whether the weight is in a format of the family other than the affine grid."""
+        return self.wspec is not None and (self.wspec.format != "int" or bool(self.wspec.outliers))
+
     def quantized_weight(self) -> QuantizedWeight:
         assert self.wspec is not None
+        if self.holds_format:
+            raise LowbitError(f"this layer holds {self.wspec.format} weights, not an integer grid")
         return QuantizedWeight(
             codes=self.codes,
             scale=self.scales,
@@ -107,18 +121,29 @@ class QuantLinear(nn.Module):
             key = self._state_key()
             if cache.get("key") == key:
                 return cache["w"]
-            w = self.quantized_weight().dequantize()
+            w = self._decode()
             self._dequant_cache = {"key": key, "w": w}
             return w
+        return self._decode()
+
+    def _decode(self) -> torch.Tensor:
+        if self.holds_format:
+            if self.encoded is None:
+                raise LowbitError(f"layer holding {self.wspec.format} weights has none yet")
+            return self.encoded.dequantize()
         return self.quantized_weight().dequantize()
 
     def _state_key(self) -> tuple:
         # in-place changes bump a tensor's _version, so a stale cache is never used
+        if self.holds_format:
+            return (id(self.encoded),)
         ts = [self.codes, self.scales, self.g_idx] + ([self.zeros] if hasattr(self, "zeros") else [])
         return tuple((id(t), t._version) for t in ts)
 
     def int8_unsupported(self) -> str | None:
         """Why this layer cannot use the int8 kernel (None: it can)."""
+        if self.holds_format:
+            return f"{self.wspec.format} weights are not an integer grid"
         return int8_path.unsupported_reason(None if self.wspec is None else self.quantized_weight(), self.aspec)
 
     def int8_weight(self) -> int8_path.Int8Weight:
