@@ -61,3 +61,17 @@ def test_w4a4_after_rotation_beats_w4a4_without(tiny_dir):
     assert errs["rotate"] < 0.85 * errs["rtn"], errs  # measured: rtn 0.438, rotate 0.331
     with pytest.raises(LowbitError, match="solver"):
         lowbit.make_algorithm(QuantConfig(method="rotate", options={"solver": "awq"}))
+
+
+@pytest.mark.parametrize("method", ["rotate", "qllm"])
+def test_rotated_and_reassembled_checkpoints_reload_exactly(tiny_dir, tmp_path, method):
+    model, tok, info = lowbit.load(str(tiny_dir))
+    ids, windows = calib(len(tok), n=2, length=40, seed=5), calib(len(tok), n=4, length=40)
+    cfg = QuantConfig(method=method, weight=WeightSpec(bits=4, group_size=32, symmetric=False), act=ActSpec(bits=8), calib_precision="fp32")
+    report = lowbit.quantize(model, cfg, windows, progress=False)
+    with torch.no_grad():
+        q = model(input_ids=ids).logits
+    out = lowbit.save(model, tok, tmp_path / "ckpt", report, source=info["source"])
+    again, _, _ = lowbit.load(str(out))
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, q, rtol=0, atol=1e-5)
