@@ -45,7 +45,7 @@ from .zeroquant import layerwise_distill, take_windows
 
 log = logging.getLogger(__name__)
 
-SAMPLE_TOKENS = 2048  # tokens of down_proj's input the threshold search evaluates on
+SAMPLE_TOKENS = 1024  # tokens of down_proj's input the threshold search evaluates on
 
 
 def mlp_names(linears: dict) -> tuple[str, str, str] | None:
@@ -178,9 +178,9 @@ class QLLM(Algorithm):
         acc = {"gram": torch.zeros(d, d, dtype=torch.float64), "rows": []}
 
         def observe(_name, x):
-            xd = x.double()
-            acc["gram"] += xd.t() @ xd
-            acc["rows"].append(x.float())
+            xf = x.float()
+            acc["gram"] += (xf.t() @ xf).double()  # float32 products of one window, summed in float64
+            acc["rows"].append(xf)
 
         windows = spread_windows(ctx.inputs.hidden.shape[0], self.options.stat_windows)
         capture(ctx, [down], observe, windows)

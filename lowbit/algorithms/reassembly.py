@@ -188,15 +188,17 @@ def merge_rel_error(gram: torch.Tensor, w: torch.Tensor, plan: Plan) -> float:
     return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
 
 
-def quantized_output_error(x: torch.Tensor, w: torch.Tensor, plan: Plan, wspec: WeightSpec | None, aspec: ActSpec | None) -> float:
-    """||x W^T - Q(x') Q(W')^T||^2 on the sample x: the search objective."""
-    xp = plan_input(x.double(), plan).float()
+def quantized_output_error(x: torch.Tensor, w: torch.Tensor, plan: Plan, wspec: WeightSpec | None, aspec: ActSpec | None,
+                           ref: torch.Tensor | None = None) -> float:
+    """||x W^T - Q(x') Q(W')^T||^2 on the sample x: the search objective (ref: x W^T, if known)."""
+    xp = plan_input(x.float(), plan)
     wp = plan_weight(w.double(), plan).float()
     if aspec is not None:
         xp = fake_quantize_act(xp, aspec)
     if wspec is not None:
         wp = quantize_weight(wp, wspec).dequantize()
-    ref = x.float() @ w.float().t()
+    if ref is None:
+        ref = x.float() @ w.float().t()
     return float((ref - xp @ wp.t()).pow(2).sum())
 
 
@@ -231,9 +233,10 @@ def search_threshold(
     d = absmax.shape[0]
     tried = []
     best, best_err = Plan.identity(d), math.inf
+    ref = x.float() @ w.float().t()
     for theta in threshold_candidates(absmax, n_candidates, int(max_extra_frac * d)):
         plan = make_plan(gram, absmax, w, theta)
-        err = quantized_output_error(x, w, plan, wspec, aspec)
+        err = quantized_output_error(x, w, plan, wspec, aspec, ref)
         tried.append((theta, err))
         if err < best_err:
             best, best_err = plan, err
