@@ -163,3 +163,19 @@ def test_qllm_with_gptq_and_options(tiny_dir):
             lowbit.make_algorithm(QuantConfig(method="qllm", weight=w, act=a, options=bad))
     cfg = lowbit.method_config("qllm")
     assert cfg.weight.bits == 4 and cfg.weight.group_size is None and cfg.act.bits == 4 and cfg.act.dynamic
+
+
+def test_qllm_cli_writes_reassembly_records(tiny_dir, tmp_path, cache):
+    import json
+
+    from tests.test_cli import SMALL, run as cli
+
+    out = tmp_path / "q"
+    r = cli("quantize", tiny_dir, "--method", "qllm", "--act-bits", "8", "--option", "lowrank_rank=2", "--option", "lowrank_steps=2", "-o", out, *SMALL)
+    assert r.exit_code == 0, r.output
+    layers = json.loads((out / "report.json").read_text())["layers"]
+    down = [x for x in layers if x["layer"].endswith("down_proj")]
+    assert len(down) == 2 and all("reassembly_merge_rel_error" in x and "reassembly_disassembled" in x for x in down)
+    assert all("lowrank_kept" in x for x in layers)
+    r = cli("quantize", tiny_dir, "--method", "qllm", "--option", "solver=nope", "-o", tmp_path / "bad", *SMALL)
+    assert r.exit_code == 2 and "error: solver must be rtn or gptq" in r.output
