@@ -107,6 +107,23 @@ def markdown(rows: dict[str, dict], meta: dict) -> str:
         d = f"{100 * (r['ppl'] / fp - 1):+.1f}%" if fp else "-"
         when = r.get("date", "-") + (f" ({r['load_avg']:.1f})" if "load_avg" in r else "")
         lines.append(f"| {r['setting']} | {r['ppl']:.2f} | {d} | {r['kl']:.3f} | {r['top1']:.3f} | {r['quantize_s']:.1f} | {r['threads']} | {when} |")
+    verdicts = []
+    for b in BITS:
+        got = {m: rows[f"{m}-{b}"]["ppl"] for m in METHODS if f"{m}-{b}" in rows}
+        if not got:
+            continue
+        best = min(got, key=got.get)
+        line = f"{b.upper()}: lowest perplexity {METHODS[best][0]} ({got[best]:.2f})"
+        if "qllm" in got and "smoothquant" in got:
+            line += f"; QLLM {'beats' if got['qllm'] < got['smoothquant'] else 'does not beat'} SmoothQuant ({got['qllm']:.2f} vs {got['smoothquant']:.2f})"
+        if "rotate" in got and "qllm" in got:
+            line += f"; the rotation {'wins over' if got['rotate'] < got['qllm'] else 'loses to'} QLLM ({got['rotate']:.2f} vs {got['qllm']:.2f})"
+        missing = [m for m in METHODS if m not in got]
+        if missing:
+            line += f" (not measured: {', '.join(missing)})"
+        verdicts.append(line + ".")
+    if verdicts:
+        lines += ["", *[f"- {v}" for v in verdicts]]
     q = next((r for n, r in sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99) if r.get("reassembly")), None)
     if q:
         n = [x["reassembly_disassembled"] for x in q["reassembly"]]
