@@ -131,6 +131,7 @@ def quantize(
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     with matmul_precision(config.calib_precision):
+        algo.prepare_model(model)
         contexts = run_blocks(
             model,
             algo.quantize_block,

@@ -134,6 +134,10 @@ class Algorithm:
         """Whether this run needs calibration data (static activation scales always do)."""
         return self.config.act is not None and not self.config.act.dynamic
 
+    def prepare_model(self, model: nn.Module) -> None:
+        """Change the whole float model once before the block loop (a rotation folded into
+        the embedding and the LM head); default: nothing."""
+
     def transform_block(self, ctx: BlockContext) -> None:
         """Rescale the block before observation (smoothing, scaling); default: nothing."""
 

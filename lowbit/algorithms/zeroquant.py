@@ -50,16 +50,29 @@ log = logging.getLogger(__name__)
 
 class STELinear(nn.Module):
     """A Linear whose forward fake-quantizes its weight and input with straight-through
-    gradients (identity through the rounding); it trains ``linear.weight`` in place."""
+    gradients (identity through the rounding); it trains ``linear.weight`` in place, or,
+    with ``rank`` > 0, only a low-rank correction A @ B added to the frozen weight before
+    the rounding (QLLM's low-rank tuning; A starts at zero, so the block starts unchanged)."""
 
-    def __init__(self, linear: nn.Linear, wspec: WeightSpec | None, aspec: ActSpec | None):
+    def __init__(self, linear: nn.Linear, wspec: WeightSpec | None, aspec: ActSpec | None, rank: int = 0,
+                 generator: torch.Generator | None = None):
         super().__init__()
         self.linear, self.wspec, self.aspec = linear, wspec, aspec
+        self.lora_a = self.lora_b = None
+        if rank > 0:
+            out_f, in_f = linear.weight.shape
+            self.lora_a = nn.Parameter(torch.zeros(out_f, rank, dtype=linear.weight.dtype))
+            b = torch.randn(rank, in_f, generator=generator, dtype=torch.float32) / math.sqrt(in_f)
+            self.lora_b = nn.Parameter(b.to(linear.weight.dtype))
+
+    def merged_weight(self) -> torch.Tensor:
+        w = self.linear.weight
+        return w if self.lora_a is None else w + self.lora_a @ self.lora_b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.aspec is not None:
             x = x + (fake_quantize_act(x.detach(), self.aspec) - x).detach()
-        w = self.linear.weight
+        w = self.merged_weight()
         if self.wspec is not None:
             w = w + (quantize_weight(w.detach(), self.wspec).dequantize().to(w.dtype) - w).detach()
         return F.linear(x, w, self.linear.bias)
@@ -98,21 +111,31 @@ def layerwise_distill(
     steps: int,
     lr: float,
     batch: int = 1,
+    rank: int = 0,
+    teacher: torch.Tensor | None = None,
+    seed: int = 0,
 ) -> LKDResult:
-    """Train the float weights of the named Linears of ``block`` so that the block with
-    those Linears quantized (``specs``: name -> (weight spec, activation spec)) matches the
-    float block's output on ``hidden`` [n, seq, dim] (straight-through estimator, Adam).
-    In place; the weights are restored if the result is not better."""
+    """Train the named Linears of ``block`` so that the block with those Linears quantized
+    (``specs``: name -> (weight spec, activation spec)) matches the float block's output on
+    ``hidden`` [n, seq, dim] (straight-through estimator, Adam). ``rank`` 0 trains the
+    float weights themselves (ZeroQuant's LKD); ``rank`` > 0 freezes them and trains a
+    low-rank correction A @ B per Linear, merged into the weight at the end (QLLM's
+    low-rank tuning). ``teacher``: the target outputs (default: this block in float, before
+    training). In place; the weights are restored if the result is not better."""
     n = hidden.shape[0]
     linears = {name: block.get_submodule(name) for name in specs}
     trainable = [name for name, (w, _) in specs.items() if w is not None]
-    with torch.no_grad():
-        teacher = torch.cat([_first(block(hidden[i : i + 1], **take_windows(kwargs, n, torch.tensor([i])))) for i in range(n)])
+    if teacher is None:
+        with torch.no_grad():
+            teacher = torch.cat([_first(block(hidden[i : i + 1], **take_windows(kwargs, n, torch.tensor([i])))) for i in range(n)])
     scale = float(teacher.pow(2).mean())
     saved_grad = {p: p.requires_grad for p in block.parameters()}
     originals = {name: linears[name].weight.detach().clone() for name in trainable}
+    gen = torch.Generator().manual_seed(seed)
+    wrapped = {}
     for name, (w, a) in specs.items():
-        set_submodule(block, name, STELinear(linears[name], w, a))
+        wrapped[name] = STELinear(linears[name], w, a, rank if w is not None else 0, gen)
+        set_submodule(block, name, wrapped[name])
 
     def rel_error() -> float:
         with torch.no_grad():
@@ -122,7 +145,10 @@ def layerwise_distill(
     try:
         for p in block.parameters():
             p.requires_grad_(False)
-        params = [linears[name].weight for name in trainable]
+        if rank > 0:
+            params = [p for name in trainable for p in (wrapped[name].lora_a, wrapped[name].lora_b)]
+        else:
+            params = [linears[name].weight for name in trainable]
         for p in params:
             p.requires_grad_(True)
         before = rel_error()
@@ -139,6 +165,10 @@ def layerwise_distill(
                 opt.step()
         after = rel_error()
         kept = after < before
+        if kept and rank > 0:  # merge A @ B into the weights, which the runner then quantizes
+            with torch.no_grad():
+                for name in trainable:
+                    linears[name].weight.copy_(wrapped[name].merged_weight())
         if not kept:
             with torch.no_grad():
                 for name in trainable:
