@@ -32,7 +32,6 @@ RESULTS = ROOT / "benchmarks" / "results" / "reference_kl.json"
 SETTINGS = {
     "RTN W4 g64 asym": dict(weight={"bits": 4}),
     "RTN W3 g64 asym": dict(weight={"bits": 3}),
-    "RTN W8 per-channel sym": dict(weight={"bits": 8, "group_size": None, "symmetric": True}),
 }
 
 

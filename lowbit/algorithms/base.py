@@ -206,6 +206,16 @@ class Algorithm:
         self._install(ctx, linears, done)
         return out
 
+    def block_specs(self, ctx: BlockContext) -> dict[str, tuple]:
+        """(weight spec or None, activation spec or None) of each Linear of the block that
+        is not ignored: what block-wise training (distillation, low-rank tuning) quantizes."""
+        specs = {}
+        for name in ctx.linears():
+            full = ctx.full_name(name)
+            if not self.config.is_ignored(full):
+                specs[name] = (self.config.weight_spec_for(full), self.config.act)
+        return specs
+
     def _act_observer(self) -> Observer | None:
         a = self.config.act
         if a is None or a.dynamic:

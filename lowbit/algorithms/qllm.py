@@ -216,11 +216,7 @@ class QLLM(Algorithm):
 
     def _tune(self, ctx: BlockContext, idx: torch.Tensor, teacher: torch.Tensor) -> None:
         o = self.options
-        specs = {}
-        for name in ctx.linears():
-            full = ctx.full_name(name)
-            if not self.config.is_ignored(full):
-                specs[name] = (self.config.weight_spec_for(full), self.config.act)
+        specs = self.block_specs(ctx)
         if not any(w is not None for w, _ in specs.values()):
             return
         hidden, kw = ctx.inputs.hidden, ctx.inputs.kwargs

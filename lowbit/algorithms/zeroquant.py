@@ -224,11 +224,7 @@ class ZeroQuant(Algorithm):
         o = self.options
         if o.lkd_steps == 0 or ctx.inputs is None:
             return
-        specs = {}
-        for name in ctx.linears():
-            full = ctx.full_name(name)
-            if not self.config.is_ignored(full):
-                specs[name] = (self.config.weight_spec_for(full), self.config.act)
+        specs = self.block_specs(ctx)
         if not any(w is not None for w, _ in specs.values()):
             return
         hidden = ctx.inputs.hidden
