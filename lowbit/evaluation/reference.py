@@ -14,9 +14,10 @@ So the head of the distribution is exact and only the tail's part is estimated. 
 128 + 128 tokens the file is 2 KB per position (21 MB for the protocol's 10,220 positions,
 whatever the vocabulary), where the full float16 distributions were 1.0 GB for SmolLM2's
 49,152 tokens and 5.4 GB for Gemma's 262,144. Measured on SmolLM2 against the full
-computation: KL 1.3372 (RTN W3) estimated as 1.3371, within 1.5e-4 nats
-(``benchmarks/reference_kl.py`` reruns it). The estimate is a sum over thousands of
-positions of independent unbiased terms, so its error shrinks with their number.
+computation (``benchmarks/reference_kl.py``, BENCHMARKS.md): RTN W4 0.35947 estimated as
+0.35951, RTN W3 1.33725 as 1.33681, within 5e-4 nats. The estimate is a mean over
+thousands of positions of independent unbiased terms, so its error shrinks with their
+number.
 """
 
 from __future__ import annotations
