@@ -24,7 +24,6 @@ The runner then quantizes the weights (``solver``: rtn or gptq) and the activati
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -33,14 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import WeightSpec
 from ..errors import LowbitError
-from ..formats.weights import QuantizedWeight, quantize_weight
+from ..formats.weights import QuantizedWeight
 from ..runner import BlockContext
 from .base import Algorithm, option, register
 from .reassembly import Plan, merge_rel_error, plan_weight, search_threshold
 from .smoothing import capture, full_precision, spread_windows
 from .smoothquant import smooth_block
+from .solver import RTNOrGPTQ
 from .zeroquant import layerwise_distill, take_windows
 
 log = logging.getLogger(__name__)
@@ -113,7 +112,7 @@ class QLLMOptions:
 
 
 @register
-class QLLM(Algorithm):
+class QLLM(RTNOrGPTQ, Algorithm):
     name = "qllm"
     summary = "QLLM: adaptive channel reassembly (disassemble outlier channels, merge similar ones), low-bit weights and activations, optional low-rank tuning"
     Options = QLLMOptions
@@ -125,11 +124,7 @@ class QLLM(Algorithm):
     def __init__(self, config):
         super().__init__(config)
         self._records: dict[str, dict] = {}
-        self._gptq = None
-        if self.options.solver == "gptq":
-            from .gptq import GPTQ
-
-            self._gptq = GPTQ(dataclasses.replace(self.config, method="gptq", options={}))
+        self.use_solver(self.options.solver)
 
     def uses_calibration(self) -> bool:
         return True
@@ -232,19 +227,5 @@ class QLLM(Algorithm):
 
     # --- the weight solver ---------------------------------------------------------------------
 
-    def new_stats(self, name: str, module: nn.Module) -> Any:
-        return self._gptq.new_stats(name, module) if self._gptq is not None else None
-
-    def solve(self, name: str, module: nn.Module, spec: WeightSpec, stats: Any) -> QuantizedWeight:
-        return self.solve_many([name], [module], [spec], stats)[0]
-
-    def solve_many(self, names, modules, specs, stats) -> list[QuantizedWeight]:
-        if self._gptq is not None:
-            return self._gptq.solve_many(names, modules, specs, stats)
-        return [quantize_weight(m.weight, sp, name=n) for n, m, sp in zip(names, modules, specs)]
-
     def layer_record(self, name: str, module: nn.Module, qweight: QuantizedWeight, stats: Any) -> dict:
-        row = self._records.pop(name, {})
-        if self._gptq is not None:
-            row.update(self._gptq.layer_record(name, module, qweight, stats))
-        return row
+        return self.solver_record(self._records.pop(name, {}), name, module, qweight, stats)

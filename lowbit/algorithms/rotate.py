@@ -4,17 +4,16 @@ the config says. A baseline for QLLM at 4 and 6 bits of activation."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from ..config import WeightSpec
 from ..errors import LowbitError
-from ..formats.weights import QuantizedWeight, quantize_weight
+from ..formats.weights import QuantizedWeight
 from .base import Algorithm, option, register
 from .rotation import rotate_model
+from .solver import RTNOrGPTQ
 
 
 @dataclass(frozen=True)
@@ -29,7 +28,7 @@ class RotateOptions:
 
 
 @register
-class Rotate(Algorithm):
+class Rotate(RTNOrGPTQ, Algorithm):
     name = "rotate"
     summary = "Hadamard rotation of the residual stream and of o_proj's input per head (QuaRot-style, folded), then RTN or GPTQ"
     Options = RotateOptions
@@ -41,11 +40,7 @@ class Rotate(Algorithm):
     def __init__(self, config):
         super().__init__(config)
         self._summary: dict = {}
-        self._gptq = None
-        if self.options.solver == "gptq":
-            from .gptq import GPTQ
-
-            self._gptq = GPTQ(dataclasses.replace(self.config, method="gptq", options={}))
+        self.use_solver(self.options.solver)
 
     def uses_calibration(self) -> bool:
         return self._gptq is not None or super().uses_calibration()
@@ -53,19 +48,5 @@ class Rotate(Algorithm):
     def prepare_model(self, model: nn.Module) -> None:
         self._summary = rotate_model(model, self.options.seed, self.options.heads)
 
-    def new_stats(self, name: str, module: nn.Module) -> Any:
-        return self._gptq.new_stats(name, module) if self._gptq is not None else None
-
-    def solve(self, name: str, module: nn.Module, spec: WeightSpec, stats: Any) -> QuantizedWeight:
-        return self.solve_many([name], [module], [spec], stats)[0]
-
-    def solve_many(self, names, modules, specs, stats) -> list[QuantizedWeight]:
-        if self._gptq is not None:
-            return self._gptq.solve_many(names, modules, specs, stats)
-        return [quantize_weight(m.weight, sp, name=n) for n, m, sp in zip(names, modules, specs)]
-
     def layer_record(self, name: str, module: nn.Module, qweight: QuantizedWeight, stats: Any) -> dict:
-        row = {"rotation": self._summary.get("rotation")}
-        if self._gptq is not None:
-            row.update(self._gptq.layer_record(name, module, qweight, stats))
-        return row
+        return self.solver_record({"rotation": self._summary.get("rotation")}, name, module, qweight, stats)
