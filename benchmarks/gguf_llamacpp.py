@@ -12,7 +12,7 @@ In one run:
    computes it on the same weights (the file loaded back with lowbit.load, i.e. dequantized
    by transformers' GGUF reader) under the same protocol and token windows; the two must
    agree to 2 decimals;
-5. GPTQ-fed files (lowbit.export.gguf_gptq: block scales from the imatrix-weighted search,
+5. GPTQ-fed files (lowbit.export.gguf_quantize, method gptq on the file type's GGML formats: block scales from the imatrix-weighted search,
    codes chosen by GPTQ on that grid) for the presets in --gptq, and files written from a
    smoothed model (SmoothQuant's migration, `lowbit export gguf --smooth`) for OURS_SMOOTH
    (``--extend`` adds just these to an earlier run);
@@ -231,24 +231,20 @@ def main() -> None:
             theirs.unlink()
         print(f"layout {t}: {layouts[t]}", flush=True)
 
-    from lowbit.export.gguf_gptq import gptq_gguf
-    from lowbit.export.gguf_writer import plan_types
+    from lowbit.export.gguf_quantize import quantize_to_gguf
 
     gptq_s = {}
     for t in args.gptq:
         model, tok, info = lowbit.load("smollm2-135m")  # GPTQ leaves its quantized weights in the model
+        path = work / f"lowbit-{t}+GPTQ.gguf"
         start = time.perf_counter()
-        res = gptq_gguf(model, calib, plan_types(model, t, imatrix=True))
+        run = quantize_to_gguf(model, tok, path, t, windows=calib, gptq=True, source=info["source"])
         gptq_s[t] = time.perf_counter() - start
-        errs = list(res.records.values())
-        print(
-            f"GPTQ {t}: {gptq_s[t]:.1f} s; layers with lower output error than plain rounding: "
-            f"{sum(r['output_rel_error'] < r['rtn_output_rel_error'] for r in errs)}/{len(errs)}",
-            flush=True,
-        )
+        out = run.export
+        print(f"GPTQ {t}: {gptq_s[t]:.1f} s", flush=True)
         path = work / f"lowbit-{t}+GPTQ.gguf"
         out = export_gguf(model, tok, path, t, source=info["source"], prequantized=res.raw)
-        rows.append({"file": path.name, "by": "lowbit", "preset": f"{t}+GPTQ", "quantize_s": gptq_s[t] + out.seconds, "path": path})
+        rows.append({"file": path.name, "by": "lowbit", "preset": f"{t}+GPTQ", "quantize_s": gptq_s[t], "path": path})
     rows += smoothed_rows(work, calib)
     model, tok, info = lowbit.load("smollm2-135m")
 

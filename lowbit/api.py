@@ -36,7 +36,9 @@ from .evaluation.metrics import EvalResult, Reference, evaluate
 from .evaluation.reference import FORMAT as REFERENCE_FORMAT
 from .evaluation.reference import prune as prune_references
 from .export.checkpoint import load_checkpoint, quant_layers, save_checkpoint
+from .export.gguf_plan import plan_config
 from .formats.memory import weight_storage
+from .formats.names import is_mixture
 from .models.loader import is_lowbit_checkpoint, load_model
 from .runner import run_blocks
 
@@ -122,6 +124,8 @@ def quantize(
     calib: calibration windows [n, seq_len]; required by methods that look at data.
     """
     algo = make_algorithm(config)
+    if config.weight is not None and is_mixture(config.weight.format):  # a llama.cpp file type: one GGML type per layer
+        algo = make_algorithm(plan_config(model, algo.config, algo.fit_importance()))
     config = algo.config  # a method may complete it (llm-int8 adds its activation format)
     needs = algo.uses_calibration()
     if needs and calib is None:

@@ -169,6 +169,10 @@ class WeightSpec:
 
     def describe(self) -> str:
         g = "per-channel" if self.group_size is None else f"g{self.group_size}"
+        from .formats.names import is_ggml, is_mixture
+
+        if is_ggml(self.format) or is_mixture(self.format):
+            return self.format  # the GGML block defines the group
         if self.in_family:
             name = self.format if self.format != "int" else f"int{self.bits} {'sym' if self.symmetric else 'asym'}"
             return f"{name} {g}" + (f" +{100 * self.outliers:g}% fp16 outliers" if self.outliers else "")

@@ -109,27 +109,28 @@ def test_grid_gptq_beats_plain_rounding(qtype):
 
 
 def test_gptq_fed_export_round_trip(kdir, tmp_path, cache, excerpt):  # noqa: F811
-    from lowbit.export.gguf_gptq import gptq_gguf
-    from lowbit.export.gguf_writer import export_gguf, plan_types
+    from lowbit.export.gguf_quantize import quantize_to_gguf
+    from lowbit.export.gguf_writer import export_gguf
 
     model, tok, info = lowbit.load(str(kdir))
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ids = torch.tensor(tok(excerpt[:30000])["input_ids"][: 8 * 64]).reshape(8, 64)
-    types = plan_types(model, "Q4_K_M", imatrix=True)
-    res = gptq_gguf(model, ids, types)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
-    assert set(res.records) == set(linears) and {f"{n}.weight" for n in linears} == set(res.raw)
-    assert {r["type"] for r in res.records.values()} == {"Q4_K", "Q6_K"}
-    better = [r["output_rel_error"] < r["rtn_output_rel_error"] for r in res.records.values()]
-    assert sum(better) >= len(better) - 1, res.records  # GPTQ lowers the layer-output error
-    out = export_gguf(model, tok, tmp_path / "g.gguf", "Q4_K_M", source=info["source"], prequantized=res.raw)
+    ids = torch.tensor(tok(excerpt[:30000])["input_ids"][: 8 * 64]).reshape(8, 64)
+    run = quantize_to_gguf(model, tok, tmp_path / "g.gguf", "Q4_K_M", windows=ids, gptq=True, source=info["source"])
+    out = run.export
     assert out.types == export_gguf(model, tok, tmp_path / "p.gguf", "Q4_K_M", imatrix={}, source=info["source"]).types
-    # the file holds exactly the weights the model now has (q/k rows permuted back)
-    ref = expected_model(model, out.path)
+    assert {out.types[g] for g in out.types if g.startswith("blk.") and g.endswith(("attn_v.weight", "attn_q.weight"))} == {"Q4_K", "Q6_K"}
+    from lowbit.export.checkpoint import quant_layers
+
+    layers = quant_layers(model)
+    assert set(layers) == set(linears)
+    # the file holds exactly the weights the quantized model has (q/k rows permuted back)
+    ref = expected_model(lowbit.load(str(kdir))[0], out.path)
     params = dict(ref.named_parameters())
     for n in linears:
-        torch.testing.assert_close(params[f"{n}.weight"], model.get_submodule(n).weight, rtol=0, atol=0)
-        assert not torch.equal(original[f"{n}.weight"], model.get_submodule(n).weight)
+        w = layers[n].dequantized_weight()
+        torch.testing.assert_close(params[f"{n}.weight"], w, rtol=0, atol=0)
+        assert not torch.equal(original[f"{n}.weight"], w)
     back, _, _ = lowbit.load(str(out.path))
     with torch.no_grad():
         torch.testing.assert_close(back(ids[:1]).logits, ref(ids[:1]).logits, rtol=1e-4, atol=1e-4)

@@ -134,6 +134,11 @@ class Algorithm:
         """Whether this run needs calibration data (static activation scales always do)."""
         return self.config.act is not None and not self.config.act.dynamic
 
+    def fit_importance(self) -> bool:
+        """Whether the formats' fits are weighted by calibration importance (GPTQ's Hessian
+        diagonal, RTN's imatrix); two of llama.cpp's mixture rules depend on it."""
+        return False
+
     def prepare_model(self, model: nn.Module) -> None:
         """Change the whole float model once before the block loop (a rotation folded into
         the embedding and the LM head); default: nothing."""

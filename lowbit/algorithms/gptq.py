@@ -266,6 +266,9 @@ class GPTQ(Algorithm):
     def uses_calibration(self) -> bool:
         return True
 
+    def fit_importance(self) -> bool:
+        return True
+
     def new_stats(self, name: str, module: nn.Module) -> Hessian:
         return Hessian(module.in_features)
 

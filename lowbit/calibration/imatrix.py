@@ -27,35 +27,46 @@ from ..runner import BlockContext, run_blocks
 log = logging.getLogger(__name__)
 
 
+class ColumnSquares:
+    """Running mean of x^2 per input column (sums in float64, so the result does not
+    depend on how the tokens are batched): one Linear's importance."""
+
+    def __init__(self) -> None:
+        self.sum: torch.Tensor | None = None
+        self.n = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        s = (x * x).sum(dim=0)
+        self.sum = s if self.sum is None else self.sum + s
+        self.n += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        if self.sum is None or self.n == 0:
+            raise LowbitError("imatrix: this layer saw no calibration inputs")
+        return (self.sum / self.n).to(torch.float32)
+
+
 def collect_imatrix(model: torch.nn.Module, calib_windows: torch.Tensor, progress=None) -> dict[str, torch.Tensor]:
     """{full Linear name (e.g. ``model.layers.0.self_attn.q_proj``): float32 [in_features]}.
 
     Runs the float model on ``calib_windows`` ([n, seq_len] token ids) block by block;
-    the model is not modified. Sums are kept in float64 so the result does not depend on
-    how many tokens there are.
+    the model is not modified.
     """
     if calib_windows is None or calib_windows.numel() == 0:
         raise LowbitError("imatrix: no calibration windows")
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    acc: dict[str, ColumnSquares] = {}
 
     def one_block(ctx: BlockContext) -> torch.Tensor:
         def observe(name):
             full = ctx.full_name(name)
-
-            def hook(_module, args):
-                x = args[0].detach()
-                x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-                s = (x * x).sum(dim=0)
-                sums[full] = sums[full] + s if full in sums else s
-                counts[full] = counts.get(full, 0) + x.shape[0]
-
-            return hook
+            a = acc.setdefault(full, ColumnSquares())
+            return lambda _module, args: a.update(args[0])
 
         return ctx.forward_with_hooks({name: observe(name) for name in ctx.linears()})
 
     run_blocks(model, one_block, calib_windows, progress=progress)
-    result = {name: (s / counts[name]).to(torch.float32) for name, s in sums.items()}
+    result = {name: a.mean() for name, a in acc.items() if a.n}
     for name, v in result.items():
         if not torch.isfinite(v).all():
             raise LowbitError(f"imatrix: layer {name} saw non-finite activations")

@@ -38,24 +38,27 @@ def export_gguf(
         str,
         typer.Argument(
             help="Embedded model name (smollm2-135m), a .gguf file, a Hugging Face folder, or a lowbit checkpoint "
-            "folder. A checkpoint is exported with its dequantized weights (its own number format is not kept; "
-            "activation quantization is dropped)."
+            "folder. A checkpoint made with `lowbit quantize --format Q4_K_M` (any llama.cpp file type) is written with "
+            "exactly its codes; any other checkpoint is exported from its dequantized weights (its own number format is "
+            "not kept; activation quantization is dropped)."
         ),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="GGUF file to write (replaced if it exists).")],
     type: Annotated[
-        str,
+        Optional[str],
         typer.Option(
             "--type",
-            help=f"llama.cpp file type: per-tensor types chosen as llama-quantize does ({_TYPES}).",
+            help=f"llama.cpp file type: per-tensor types chosen as llama-quantize does ({_TYPES}). Default: Q4_K_M, or "
+            "for a checkpoint quantized with --format <file type> that file type, its codes copied unchanged.",
         ),
-    ] = "Q4_K_M",
+    ] = None,
     imatrix: Annotated[
         bool,
         typer.Option(
             "--imatrix",
             help="Weigh quantization errors by an importance matrix (mean x^2 per input column of every Linear) "
-            "collected on the calibration windows.",
+            "taken from the calibration windows as lowbit's block-wise runner feeds each layer (upstream blocks "
+            "already quantized): `lowbit quantize --method rtn --option imatrix=true --format TYPE`.",
         ),
     ] = False,
     calib: Annotated[
@@ -67,7 +70,8 @@ def export_gguf(
         typer.Option(
             "--gptq",
             help="GPTQ-fed codes: each Linear's block scales are chosen as with --imatrix (importance from the same "
-            "calibration pass), then GPTQ picks the codes on that grid with error feedback. Slower (minutes).",
+            "calibration pass), then GPTQ picks the codes on that grid with error feedback: `lowbit quantize --method "
+            "gptq --format TYPE`. Slower (minutes).",
         ),
     ] = False,
     save_imatrix: Annotated[
@@ -102,9 +106,11 @@ def export_gguf(
     from ..errors import LowbitError
     from ..export import gguf_writer
     from ..export.gguf_presets import preset
+    from ..export.gguf_quantize import export_checkpoint_gguf, quantize_to_gguf
     from .main import out
 
-    p = preset(type)  # an unknown type fails before anything is loaded
+    if type is not None:
+        preset(type)  # an unknown type fails before anything is loaded
     if search not in gguf_writer.SEARCHES:
         raise LowbitError(f"--search must be one of {', '.join(gguf_writer.SEARCHES)}, got {search!r}")
     if calib is not None and not (imatrix or gptq or smooth is not None):
@@ -124,40 +130,25 @@ def export_gguf(
         check_writable(save_imatrix, "imatrix")
     start = time.perf_counter()
     m, tok, info = api.load(model)
-    gguf_writer.hf_to_gguf_names(m)  # an unsupported architecture fails before calibration
-    imat = prequantized = None
-    for flag, on in (("--gptq", gptq), ("--smooth", smooth is not None)):
-        if on and info.get("checkpoint"):
+    checkpoint = info.get("checkpoint")
+    for flag, on in (("--gptq", gptq), ("--imatrix", imatrix), ("--smooth", smooth is not None)):
+        if on and checkpoint:
             raise LowbitError(f"{flag} works on a float model, and {model} is a lowbit checkpoint (already quantized)")
-    windows = api.prepare_windows(tok, Protocol(), calib=calib)[1] if (gptq or imatrix or smooth is not None) else None
-    if smooth is not None:  # first: the imatrix and GPTQ then see the smoothed model
-        from ..algorithms.smoothquant import smooth_model
-
-        smooth_model(m, windows, smooth, progress=api.progress_bar("smooth"))
-    if gptq:
-        from ..export.gguf_gptq import gptq_gguf
-
-        types = gguf_writer.plan_types(m, p.name, imatrix=True)
-        prequantized = gptq_gguf(m, windows, types, progress=api.progress_bar("GPTQ")).raw
-    if imatrix:
-        from ..calibration.imatrix import collect_imatrix
-
-        imat = collect_imatrix(m, windows, progress=api.progress_bar("imatrix"))
-        if save_imatrix is not None:
-            from ..calibration.imatrix import save_imatrix as write_imatrix
-
-            names = gguf_writer.hf_to_gguf_names(m)
-            by_gguf = {names[f"{k}.weight"]: v.numpy() for k, v in imat.items() if f"{k}.weight" in names}
-            write_imatrix(save_imatrix, by_gguf, n_tokens=windows.numel(), chunk_size=windows.shape[1], dataset=calib or "wikipedia")
-    result = gguf_writer.export_gguf(
-        m, tok, output, p.name, imatrix=imat, source=info["source"], progress=api.progress_bar(f"quantize {p.name}"),
-        prequantized=prequantized, search=search,
-    )
+    if checkpoint:
+        result, copied = export_checkpoint_gguf(m, tok, checkpoint, output, type, search=search, source=info["source"],
+                                                progress=api.progress_bar)
+        note = " (the checkpoint's own codes)" if copied else " (dequantized lowbit checkpoint, quantized again)"
+        steps = ""
+    else:
+        windows = api.prepare_windows(tok, Protocol(), calib=calib)[1] if (gptq or imatrix or smooth is not None) else None
+        run = quantize_to_gguf(m, tok, output, type or "Q4_K_M", windows=windows, gptq=gptq, imatrix=imatrix, smooth=smooth,
+                               search=search, source=info["source"], progress=api.progress_bar, save_imatrix=save_imatrix,
+                               imatrix_dataset=calib or "wikipedia")
+        result, note = run.export, ""
+        steps = f"{f' + smoothing {smooth:g}' if smooth is not None else ''}{' + imatrix' if imatrix else ''}{' + GPTQ' if gptq else ''}"
     counts = ", ".join(f"{n} {t}" for t, n in sorted(result.type_counts.items(), key=lambda kv: -kv[1]))
-    note = " (dequantized lowbit checkpoint)" if info.get("checkpoint") else ""
     out.print(
-        f"wrote {output}{note}: {p.name}{f' + smoothing {smooth:g}' if smooth is not None else ''}{' + imatrix' if imat is not None else ''}"
-        f"{' + GPTQ' if gptq else ''}, {result.file_bytes:,} bytes, "
+        f"wrote {output}{note}: {result.preset}{steps}, {result.file_bytes:,} bytes, "
         f"{result.bits_per_weight:.3f} bits per weight, tensors: {counts}; {time.perf_counter() - start:.1f} s",
         highlight=False,
         soft_wrap=True,

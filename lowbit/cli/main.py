@@ -82,8 +82,9 @@ def parse_weight_format(text: str | None, bits: int | None) -> tuple[int | None,
     t = text.strip().lower()
     if t.startswith("int") and t[3:].isdigit():
         return int(t[3:]), "int"
-    from ..formats.names import check_format_name
+    from ..formats.names import canonical, check_format_name
 
+    t = canonical(t)  # GGML names are upper case (q4_k_m -> Q4_K_M)
     check_format_name(t)
     return bits, t
 
@@ -139,7 +140,7 @@ def quantize(
     observer: Annotated[str, typer.Option("--observer", help="Weight range: minmax, or mse (search the clipping ratio per group).")] = "minmax",
     scale_dtype: Annotated[str, typer.Option("--scale-dtype", help="Storage dtype of weight scales: float16, bfloat16, float32.")] = "float16",
     strict_groups: Annotated[bool, typer.Option("--strict-groups", help="Fail when the group size does not divide a layer's input width.")] = False,
-    weight_format: Annotated[Optional[str], typer.Option("--format", "-f", help="Weight format: int2..int8 (the affine grid, as --bits), nf4, nf4-dq, fp4, fp4-dq (bitsandbytes; -g is the block size), bcq1..bcq4[-offset], ternary, ternary-tq1, codebook1..codebook8. Default: the affine grid of --bits/--asym.")] = None,
+    weight_format: Annotated[Optional[str], typer.Option("--format", "-f", help="Weight format: int2..int8 (the affine grid, as --bits), nf4, nf4-dq, fp4, fp4-dq (bitsandbytes; -g is the block size), bcq1..bcq4[-offset], ternary, ternary-tq1, codebook1..codebook8, mixed123; a GGML type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: its block must divide each width), or a llama.cpp file type (Q4_K_M, Q4_K_S, Q5_K_M, Q3_K_M, Q6_K, Q2_K, ...: a GGML type per layer by llama.cpp's rules, with its fallbacks; `lowbit export gguf` of the result copies the codes). Default: the affine grid of --bits/--asym.")] = None,
     no_weights: Annotated[bool, typer.Option("--no-weights", help="Keep weights in float32 and quantize only activations (needs --act-bits).")] = False,
     act_bits: Annotated[Optional[int], typer.Option("--act-bits", help="Activation bits for the input of every quantized Linear; 0 leaves activations in float. Default: the method's (8 for smoothquant, llm-int8, zeroquant; float for the others).", show_default=False)] = None,
     act: Annotated[str, typer.Option("--act", help="Activation scales: 'dynamic' (computed per input at run time) or 'static' (fixed from calibration data).")] = "dynamic",

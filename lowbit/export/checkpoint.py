@@ -123,7 +123,7 @@ def format_tensors(name: str, m: QuantLinear) -> dict[str, torch.Tensor]:
         raise LowbitError(f"layer {name} holds no {m.wspec.format} weights to save")
     # clones: layers solved as one stack hold views of one tensor, which safetensors refuses
     out = {f"{name}.{k}": v.contiguous().clone() for k, v in m.fmt.pack(m.encoded).items()}
-    if not torch.equal(m.encoded.g_idx, default_g_idx(m.in_features, m.wspec.group_size)):
+    if not torch.equal(m.encoded.g_idx, default_g_idx(m.in_features, m.fmt.group_size)):
         out[f"{name}.g_idx"] = m.encoded.g_idx.clone()
     return out
 
@@ -356,7 +356,7 @@ def _unpack_format_layer(name: str, layer: QuantLinear, tensors: dict[str, torch
     parts = {k[len(prefix):]: tensors.pop(k) for k in own}
     g_idx = parts.pop("g_idx", None)
     if g_idx is None:
-        g_idx = default_g_idx(layer.in_features, layer.wspec.group_size)
+        g_idx = default_g_idx(layer.in_features, layer.fmt.group_size)
     if g_idx.shape != (layer.in_features,) or g_idx.numel() == 0 or int(g_idx.min()) < 0:
         raise LowbitError(f"layer {name}: g_idx has shape {tuple(g_idx.shape)} or negative entries")
     try:

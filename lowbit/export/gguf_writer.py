@@ -397,6 +397,7 @@ def export_gguf(
     progress=None,
     prequantized: dict | None = None,
     search: str = "weighted",
+    plan_imatrix: bool | None = None,
 ) -> GGUFExport:
     """Write ``model`` to ``out`` as a GGUF file of preset ``type`` (Q4_K_M, Q8_0, F16, ...).
 
@@ -411,8 +412,10 @@ def export_gguf(
     source: lowbit's info["source"]; a model that came from a GGUF gets that file's
     general.* and tokenizer.* metadata. A lowbit checkpoint exports its dequantized weights.
     prequantized: {HF weight name: (GGML type, uint8 bytes [rows, row_bytes])} written as
-    they are instead of quantizing that tensor (GPTQ-fed codes, see gguf_gptq); the type
+    they are instead of quantizing that tensor (codes lowbit.quantize chose, see gguf_quantize); the type
     must be the one the preset picks (``plan_types``), and rows are in Hugging Face order.
+    plan_imatrix: whether the plan follows llama.cpp's rules for importance-weighted
+    quantization (two rules differ); default: when an imatrix or prequantized tensors are given.
     """
     import gguf
 
@@ -442,7 +445,9 @@ def export_gguf(
             t = t + spec.norm_shift
         return t.contiguous().numpy()
 
-    by_hf = plan_types(model, p.name, imatrix=imatrix is not None or bool(prequantized))
+    if plan_imatrix is None:
+        plan_imatrix = imatrix is not None or bool(prequantized)
+    by_hf = plan_types(model, p.name, imatrix=plan_imatrix)
     types = {names[hf]: t for hf, t in by_hf.items()}
 
     def permute_rows(g: str, t: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,11 @@
     ternary, ternary-tq1 alpha·{-1, 0, 1}, 2-bit or 1.6-bit (TQ1_0-style) packing
     codebook1 .. codebook8  2^k learned float16 centroids per (row, group)
     mixed123             per-group widths 1/2/3 bits by salience (SliM-LLM), the digits the choices
+    Q4_0 .. Q8_0, Q2_K .. Q6_K   a GGML block type (formats.ggml); the width must be a multiple of its block
+    Q4_K_M, Q6_K, Q2_K, ...  a llama.cpp file type (what llama-quantize accepts): a GGML type per
+                         tensor, chosen for the model by llama.cpp's rules, fallbacks for widths
+                         included (lowbit.formats.plan); every Linear gets its own override.
+                         Q3_K, Q4_K, Q5_K (no file type of that name) are strict single types
 """
 
 from __future__ import annotations
@@ -23,10 +28,34 @@ _PATTERNS = (
     (r"codebook([1-8])", lambda m, gs, sd: make_format("codebook", bits=int(m[1]), group_size=gs, scale_dtype=sd)),
     (r"mixed([1-8]{2,3})", lambda m, gs, sd: make_format("mixed", choices=tuple(sorted({int(c) for c in m[1]})), group_size=gs)),
 )
-NAMES = "int, nf4, nf4-dq, fp4, fp4-dq, bcq1..bcq4[-offset], ternary, ternary-tq1, codebook1..codebook8, mixed123 (per-group widths)"
+_GGML = r"(Q4_0|Q4_1|Q5_0|Q5_1|Q8_0|Q2_K|Q3_K|Q4_K|Q5_K|Q6_K)"
+NAMES = "int, Q4_0..Q8_0 / Q2_K..Q6_K (GGML types), Q4_K_M etc. (llama.cpp mixtures), nf4, nf4-dq, fp4, fp4-dq, bcq1..bcq4[-offset], ternary, ternary-tq1, codebook1..codebook8, mixed123 (per-group widths)"
+
+
+def canonical(name: str) -> str:
+    """GGML type and mixture names are case-insensitive (q4_k_m = Q4_K_M); others as given."""
+    if isinstance(name, str) and (re.fullmatch(_GGML, name.upper()) or is_mixture(name.upper())):
+        return name.upper()
+    return name
+
+
+def is_mixture(name: str) -> bool:
+    """A llama.cpp file type that quantizes weights (Q4_K_M, Q6_K, Q8_0, Q2_K, ...): a
+    per-tensor plan, resolved for a model by ``lowbit.quantize`` with llama.cpp's rules,
+    fallbacks for widths a block does not divide included. As a layer's own format (the
+    plan's overrides) a name such as Q6_K is the GGML type itself."""
+    from ..export.gguf_presets import PRESETS
+
+    return isinstance(name, str) and name in PRESETS and name not in ("F32", "F16", "BF16", "IQ4_NL")
+
+
+def is_ggml(name: str) -> bool:
+    return isinstance(name, str) and re.fullmatch(_GGML, name) is not None
 
 
 def check_format_name(name: str) -> None:
+    if is_ggml(name) or is_mixture(name):
+        return
     if not isinstance(name, str) or not any(re.fullmatch(p, name) for p, _ in _PATTERNS):
         raise LowbitError(f"unknown weight format {name!r}; expected one of {NAMES}")
 
@@ -46,6 +75,12 @@ def _base_format(spec) -> WeightFormat:
         from .affine import AffineInt
 
         return AffineInt.from_spec(spec)
+    if is_ggml(spec.format):  # a layer's own type (a mixture's plan gives every layer one)
+        from .ggml import GGMLType
+
+        return GGMLType(spec.format)
+    if is_mixture(spec.format):
+        raise LowbitError(f"format {spec.format} is a per-tensor plan: lowbit.quantize resolves it for a model's layers")
     for pattern, build in _PATTERNS:
         m = re.fullmatch(pattern, spec.format)
         if m:

@@ -25,8 +25,8 @@ import numpy as np
 
 from ...errors import LowbitError
 from .common import F32, fp16_from_bytes, pack_bit_planes, unpack_bit_planes
-from .kquants import _pack_2bit, _pack_4bit_pairs, _unpack_scale_min_6bit
-from .legacy import _pack_fifth_bits, _pack_low_nibbles
+from .kquants import _pack_2bit, _pack_4bit_pairs, _unpack_2bit, _unpack_4bit_pairs, _unpack_scale_min_6bit
+from .legacy import _pack_fifth_bits, _pack_low_nibbles, _unpack_fifth_bits, _unpack_low_nibbles
 from .table import QK_K, codec_for
 
 TypeLike = str | int
@@ -61,7 +61,8 @@ def _per_weight(v: np.ndarray, n: int, sub: int) -> np.ndarray:
 
 
 # Each entry: (grid from raw blocks -> (scale, offset) per weight, zero, qmin, qmax,
-#              function writing codes (n_blocks, block_size) into a copy of raw blocks).
+#              function writing codes (n_blocks, block_size) into a copy of raw blocks,
+#              function reading them back out of raw blocks).
 
 
 def _legacy_sym(raw, _n):
@@ -78,20 +79,40 @@ def _set_q4_0(raw, c):
     raw[:, 2:] = _pack_low_nibbles(c)
 
 
+def _get_q4_0(raw):
+    return _unpack_low_nibbles(raw[:, 2:])
+
+
 def _set_q4_1(raw, c):
     raw[:, 4:] = _pack_low_nibbles(c)
+
+
+def _get_q4_1(raw):
+    return _unpack_low_nibbles(raw[:, 4:])
 
 
 def _set_q5_0(raw, c):
     raw[:, 2:6], raw[:, 6:] = _pack_fifth_bits(c), _pack_low_nibbles(c)
 
 
+def _get_q5_0(raw):
+    return _unpack_low_nibbles(raw[:, 6:]) | _unpack_fifth_bits(raw[:, 2:6])
+
+
 def _set_q5_1(raw, c):
     raw[:, 4:8], raw[:, 8:] = _pack_fifth_bits(c), _pack_low_nibbles(c)
 
 
+def _get_q5_1(raw):
+    return _unpack_low_nibbles(raw[:, 8:]) | _unpack_fifth_bits(raw[:, 4:8])
+
+
 def _set_q8_0(raw, c):
     raw[:, 2:] = c.astype(np.int8).view(np.uint8)
+
+
+def _get_q8_0(raw):
+    return np.ascontiguousarray(raw[:, 2:]).view(np.int8)
 
 
 def _q2_k(raw, n):
@@ -102,6 +123,10 @@ def _q2_k(raw, n):
 
 def _set_q2_k(raw, c):
     raw[:, 16:80] = _pack_2bit(c)
+
+
+def _get_q2_k(raw):
+    return _unpack_2bit(raw[:, 16:80])
 
 
 def _q3_k(raw, n):
@@ -118,6 +143,10 @@ def _set_q3_k(raw, c):
     raw[:, 32:96] = _pack_2bit(c & 3)
 
 
+def _get_q3_k(raw):
+    return _unpack_2bit(raw[:, 32:96]) | (unpack_bit_planes(raw[:, 0:32], 1, 8).reshape(len(raw), QK_K) << 2)
+
+
 def _q45_k(raw, n):
     d, dmin = fp16_from_bytes(raw[:, 0:2]), fp16_from_bytes(raw[:, 2:4])
     sc, m = _unpack_scale_min_6bit(raw[:, 4:16])
@@ -128,9 +157,17 @@ def _set_q4_k(raw, c):
     raw[:, 16:144] = _pack_4bit_pairs(c)
 
 
+def _get_q4_k(raw):
+    return _unpack_4bit_pairs(raw[:, 16:144])
+
+
 def _set_q5_k(raw, c):
     raw[:, 16:48] = pack_bit_planes((c >> 4).reshape(len(c), 8, 32), 1)
     raw[:, 48:176] = _pack_4bit_pairs(c & 0x0F)
+
+
+def _get_q5_k(raw):
+    return _unpack_4bit_pairs(raw[:, 48:176]) | (unpack_bit_planes(raw[:, 16:48], 1, 8).reshape(len(raw), QK_K) << 4)
 
 
 def _q6_k(raw, n):
@@ -147,19 +184,26 @@ def _set_q6_k(raw, c):
     raw[:, 128:192] = pack_bit_planes(quarters >> 4, 2).reshape(n, 64)
 
 
+def _get_q6_k(raw):
+    n = len(raw)
+    ql, qh = raw[:, 0:128].reshape(n, 2, 64), raw[:, 128:192].reshape(n, 2, 32)
+    low = np.stack([ql[:, :, :32] & 0x0F, ql[:, :, 32:] & 0x0F, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4], axis=2)
+    return (low | (unpack_bit_planes(qh, 2, 4) << 4)).reshape(n, QK_K)
+
+
 _TYPES = {
-    "Q4_0": (_legacy_sym, 8, 0, 15, _set_q4_0),
-    "Q4_1": (_legacy_offset, 0, 0, 15, _set_q4_1),
-    "Q5_0": (_legacy_sym, 16, 0, 31, _set_q5_0),
-    "Q5_1": (_legacy_offset, 0, 0, 31, _set_q5_1),
+    "Q4_0": (_legacy_sym, 8, 0, 15, _set_q4_0, _get_q4_0),
+    "Q4_1": (_legacy_offset, 0, 0, 15, _set_q4_1, _get_q4_1),
+    "Q5_0": (_legacy_sym, 16, 0, 31, _set_q5_0, _get_q5_0),
+    "Q5_1": (_legacy_offset, 0, 0, 31, _set_q5_1, _get_q5_1),
     # -128 decodes too, but ggml's quantizer never writes it and SIMD dot products that
     # take |q| (sign tricks) would overflow on it.
-    "Q8_0": (_legacy_sym, 0, -127, 127, _set_q8_0),
-    "Q2_K": (_q2_k, 0, 0, 3, _set_q2_k),
-    "Q3_K": (_q3_k, 4, 0, 7, _set_q3_k),
-    "Q4_K": (_q45_k, 0, 0, 15, _set_q4_k),
-    "Q5_K": (_q45_k, 0, 0, 31, _set_q5_k),
-    "Q6_K": (_q6_k, 32, 0, 63, _set_q6_k),
+    "Q8_0": (_legacy_sym, 0, -127, 127, _set_q8_0, _get_q8_0),
+    "Q2_K": (_q2_k, 0, 0, 3, _set_q2_k, _get_q2_k),
+    "Q3_K": (_q3_k, 4, 0, 7, _set_q3_k, _get_q3_k),
+    "Q4_K": (_q45_k, 0, 0, 15, _set_q4_k, _get_q4_k),
+    "Q5_K": (_q45_k, 0, 0, 31, _set_q5_k, _get_q5_k),
+    "Q6_K": (_q6_k, 32, 0, 63, _set_q6_k, _get_q6_k),
 }
 
 
@@ -184,7 +228,7 @@ def _blocks(raw: np.ndarray, codec, shape) -> np.ndarray:
 def grid_of(raw: np.ndarray, qtype: TypeLike, shape: tuple[int, int]) -> AffineGrid:
     """The code grid of a [rows, cols] tensor quantized to ``qtype`` (``quantize_tensor``'s
     output, uint8 [rows, row_bytes])."""
-    codec, (fn, zero, qmin, qmax, _) = _entry(qtype)
+    codec, (fn, zero, qmin, qmax, _, _) = _entry(qtype)
     blocks = _blocks(raw, codec, shape)
     scale, offset = fn(blocks, len(blocks))
     return AffineGrid(
@@ -195,7 +239,7 @@ def grid_of(raw: np.ndarray, qtype: TypeLike, shape: tuple[int, int]) -> AffineG
 def with_codes(raw: np.ndarray, qtype: TypeLike, codes: np.ndarray) -> np.ndarray:
     """A copy of ``raw`` with every weight's code replaced by ``codes`` (ints, the
     tensor's shape, within the grid's qmin..qmax); scale fields are kept."""
-    codec, (_, zero, qmin, qmax, setter) = _entry(qtype)
+    codec, (_, zero, qmin, qmax, setter, _) = _entry(qtype)
     codes = np.asarray(codes)
     blocks = _blocks(raw, codec, codes.shape).copy()
     if codes.size and (codes.min() < qmin or codes.max() > qmax):
@@ -203,3 +247,11 @@ def with_codes(raw: np.ndarray, qtype: TypeLike, codes: np.ndarray) -> np.ndarra
     c = codes.reshape(-1, codec.block_size)
     setter(blocks, c if codec.name == "Q8_0" else c.astype(np.uint8))
     return blocks.reshape(raw.shape)
+
+
+def codes_of(raw: np.ndarray, qtype: TypeLike, shape: tuple[int, int]) -> np.ndarray:
+    """Every weight's integer code (int32, ``shape``, in the grid's qmin..qmax) as stored
+    in ``raw``: the inverse of ``with_codes`` on the same scale fields."""
+    codec, (_, _, _, _, _, getter) = _entry(qtype)
+    blocks = _blocks(raw, codec, shape)
+    return np.ascontiguousarray(getter(blocks), dtype=np.int32).reshape(shape)
