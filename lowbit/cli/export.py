@@ -3,6 +3,7 @@
     lowbit export compressed-tensors CKPT -o OUT     transformers / vLLM (pack-quantized)
     lowbit export gptq CKPT -o OUT [--format gptq_v2]  GPTQModel, AutoGPTQ, vLLM
     lowbit export awq CKPT -o OUT                     AWQ GEMM layout (AutoAWQ, vLLM, GPTQModel)
+    lowbit export bnb CKPT -o OUT                     bitsandbytes 4-bit (NF4/FP4; transformers)
     lowbit export gguf MODEL --type Q4_K_M [--imatrix] -o OUT.gguf   llama.cpp (see cli/gguf.py)
 
 Registered by main.py as a sub-app; errors follow main.py's pattern (``error: ...``, exit 2).
@@ -17,7 +18,7 @@ from typing import Annotated
 import typer
 
 export_app = typer.Typer(
-    help="Export a model or lowbit checkpoint to a format other tools load (compressed-tensors, GPTQ, AWQ, GGUF).",
+    help="Export a model or lowbit checkpoint to a format other tools load (compressed-tensors, GPTQ, AWQ, bitsandbytes, GGUF).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -95,6 +96,17 @@ def awq(checkpoint: CheckpointArg, output: OutputOpt) -> None:
     model, tok = _load(checkpoint, output)
     export_awq(model, tok, output)
     _say(f"wrote {output}/ (AWQ GEMM)")
+
+
+@export_app.command("bnb")
+@handle_errors
+def bnb(checkpoint: CheckpointArg, output: OutputOpt) -> None:
+    """Write CHECKPOINT (nf4, nf4-dq, fp4 or fp4-dq weights) in the 4-bit layout transformers reloads with bitsandbytes."""
+    from ..export.bnb import export_bnb
+
+    model, tok = _load(checkpoint, output)
+    export_bnb(model, tok, output)
+    _say(f"wrote {output}/ (bitsandbytes 4-bit; load with transformers and bitsandbytes installed)")
 
 
 def _add_gguf() -> None:
