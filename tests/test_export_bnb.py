@@ -86,4 +86,6 @@ def test_transformers_reloads_it_with_bitsandbytes(kdir, tmp_path, excerpt, fmt)
         assert torch.equal(theirs[name], m.dequantized_weight()), name
     with torch.no_grad():
         ours = model(input_ids=ids).logits
-    torch.testing.assert_close(theirs["logits"], ours, rtol=1e-4, atol=1e-4)
+    # bitsandbytes' CPU kernel (gemv_4bit on AVX512-BF16 machines) rounds the inputs and the
+    # absmax constants to bfloat16, so its forward is close but not float32-exact
+    torch.testing.assert_close(theirs["logits"], ours, rtol=0, atol=0.03)

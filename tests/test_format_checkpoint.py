@@ -18,7 +18,7 @@ from lowbit.nn.qlinear import QuantLinear
 from tests.test_runner import calib
 
 DATA = Path(__file__).parent / "data"
-FORMATS = ["nf4", "nf4-dq", "fp4", "bcq3", "bcq2-offset", "ternary", "ternary-tq1", "codebook3", "mixed123", "Q4_0", "Q8_0", "Q5_1"]
+FORMATS = ["nf4", "nf4-dq", "fp4", "bcq3", "bcq2-offset", "ternary", "ternary-tq1", "codebook3", "codebook3-col", "mixed123", "Q4_0", "Q8_0", "Q5_1"]
 
 
 def _layers(model):
@@ -53,7 +53,7 @@ def test_every_format_round_trips_bit_exactly(tiny_dir, tmp_path, fmt):
     assert report.storage["quantized_bytes"] == total
 
 
-@pytest.mark.parametrize("method,fmt", [("gptq", "nf4-dq"), ("gptq", "bcq3"), ("gptq", "codebook2"), ("gptq", "mixed123"), ("awq", "nf4"), ("gptq", "Q5_0"), ("awq", "Q4_1")])
+@pytest.mark.parametrize("method,fmt", [("gptq", "nf4-dq"), ("gptq", "bcq3"), ("gptq", "codebook2"), ("gptq", "mixed123"), ("awq", "nf4"), ("gptq", "Q5_0"), ("awq", "Q4_1"), ("gptq", "codebook2-col")])
 def test_calibrated_methods_on_formats_save_and_reload(tiny_dir, tmp_path, method, fmt):
     model, tok, _ = lowbit.load(str(tiny_dir))
     windows = calib(len(tok))

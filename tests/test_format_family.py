@@ -30,6 +30,7 @@ FORMATS = [
     ("bcq", {"bits": 4, "offset": True}),
     ("codebook", {"bits": 2}),
     ("codebook", {"bits": 4, "group_size": 32}),
+    ("codebook-col", {"bits": 3}),
     ("mixed", {}),
     ("mixed", {"choices": (2, 3, 4), "group_size": 32}),
 ]
@@ -53,7 +54,8 @@ def test_pack_unpack_decode_bits(kind, kw, cols, tmp_path):
     assert enc.codes.shape == w.shape and enc.codes.dtype == torch.uint8
     deq = enc.dequantize()
     assert torch.isfinite(deq).all()
-    assert torch.equal(deq[3, :64], torch.zeros(64))  # an all-zero group decodes to exact zeros
+    if not getattr(fmt, "shares_rows", False):  # a column codebook's groups are columns, across rows
+        assert torch.equal(deq[3, :64], torch.zeros(64))  # an all-zero group decodes to exact zeros
     tensors = fmt.pack(enc)
     back = fmt.unpack({k: v.clone() for k, v in tensors.items()}, *w.shape, enc.g_idx)
     assert torch.equal(back.codes, enc.codes)
@@ -64,7 +66,7 @@ def test_pack_unpack_decode_bits(kind, kw, cols, tmp_path):
     assert torch.equal(back.dequantize(), deq)  # decoding the stored form is exact
     # decode is the level each code names
     layout = GroupLayout(enc.g_idx, next(iter(stored.values())).shape[1])
-    lv = fmt.levels(back.params)
+    lv = fmt.levels(back.params).expand(w.shape[0], -1, -1)  # column codebooks: one set for all rows
     assert torch.equal(layout.scatter(torch.gather(lv, 2, layout.gather(back.codes).long())), deq)
     # exact bits: the bytes the stored tensors occupy in a safetensors file
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "w.safetensors"))
@@ -247,6 +249,27 @@ def test_codebook_fast_kmeans_equals_reference_and_beats_a_uniform_grid():
     e_cb = (quantize_matrix(fmt, w).dequantize() - w).pow(2).sum()
     e_int = (quantize_matrix(make_format("int", bits=3, symmetric=False), w).dequantize() - w).pow(2).sum()
     assert e_cb < e_int
+
+
+def test_column_codebooks_cluster_each_column_across_rows():
+    w = layer(rows=40, cols=24, seed=5) ** 3 * 100
+    w[:, 7] = 0.3  # a constant column: its codebook holds the value exactly
+    fmt = make_format("codebook-col", bits=2)
+    wg = w.reshape(40, 24, 1)
+    fast, ref = fmt.fit(wg), fmt.kmeans_reference(wg)
+    assert fast["centroids"].shape == (1, 24, 4)
+    assert torch.allclose(fast["centroids"].float(), ref["centroids"].float(), atol=1e-3, rtol=1e-3)
+    enc = quantize_matrix(fmt, w)
+    deq = enc.dequantize()
+    assert torch.equal(deq[:, 7], torch.full((40,), 0.3).half().float())
+    for j in range(24):  # every column decodes to at most 4 distinct values, its own
+        assert deq[:, j].unique().numel() <= 4
+    # per column beats per row at the same code width where columns differ (each its own level)
+    g = torch.Generator().manual_seed(2)
+    scaled = torch.randn(1, 24, generator=g) + 0.01 * torch.randn(40, 24, generator=g)
+    e_col = (quantize_matrix(fmt, scaled).dequantize() - scaled).pow(2).sum()
+    e_row = (quantize_matrix(make_format("codebook", bits=2, group_size=None), scaled).dequantize() - scaled).pow(2).sum()
+    assert e_col < e_row
 
 
 def test_mixed_widths_follow_salience_and_are_stored_at_their_width():

@@ -23,7 +23,7 @@ def problem(rows=48, cols=192, seed=0):
 @pytest.mark.parametrize(
     "kind,kw",
     [("int", {"bits": 3, "symmetric": False}), ("nf4", {}), ("nf4", {"double_quant": True}), ("fp4", {}),
-     ("bcq", {"bits": 3}), ("bcq", {"bits": 2, "offset": True}), ("ternary", {}), ("codebook", {"bits": 3}), ("mixed", {})],
+     ("bcq", {"bits": 3}), ("bcq", {"bits": 2, "offset": True}), ("ternary", {}), ("codebook", {"bits": 3}), ("codebook-col", {"bits": 3}), ("mixed", {})],
 )
 @pytest.mark.parametrize("static_groups", [False, True])
 def test_gptq_beats_rtn_on_every_format(kind, kw, static_groups):

@@ -306,7 +306,8 @@ class GPTQ(Algorithm):
         if any(sp.outliers for sp in specs):
             raise LowbitError(f"layer {names[0]}: GPTQ with float outliers is not supported yet (use rtn or awq)")
         fmt = format_of(specs[0])
-        if len(modules) > 1 and (needs_static(fmt) or any(sp != specs[0] for sp in specs)):
+        shared = getattr(fmt, "shares_rows", False)  # one codebook for all rows: stacking would mix layers
+        if len(modules) > 1 and (needs_static(fmt) or shared or any(sp != specs[0] for sp in specs)):
             return [self._solve_format([n], [m], [sp], stats)[0] for n, m, sp in zip(names, modules, specs)]
         W = torch.cat([m.weight.detach().float() for m in modules])
         res = gptq_format(W, stats.H, fmt, o.damp_percent, o.block_size, o.act_order, o.static_groups, names[0])

@@ -8,14 +8,15 @@ floor((j + 1/2)·n / 2^k) (its (j + 1/2)/2^k quantile). A centroid that loses al
 members keeps its place. After ``iters`` rounds the centroids are rounded to float16 and
 the codes re-chosen on the rounded values.
 
-CLAQ's column-wise codebooks (centroids per input column, shared by all rows) are not
-here yet.
+``codebook-col`` (ColumnCodebook) is CLAQ's column-wise variant: centroids per input
+column, shared by all rows.
 ``kmeans_reference`` is the plain one-group-at-a-time loop that tests hold ``fit`` to.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -91,6 +92,58 @@ class Codebook(WeightFormat):
         pack_check(tensors, ["qweight", "centroids"], f"format {self.describe()}")
         n_groups = int(g_idx.max()) + 1 if g_idx.numel() else 1
         c = check_shape(tensors["centroids"], (rows, n_groups, 2**self.bits), "centroids")
+        if not torch.isfinite(c.float()).all():
+            raise LowbitError(f"format {self.describe()}: non-finite centroids")
+        return Encoded(self, unpack(tensors["qweight"], self.bits, cols), {"centroids": c}, g_idx.to(torch.int32))
+
+
+@register
+@dataclass(frozen=True)
+class ColumnCodebook(Codebook):
+    """CLAQ's column-wise codebooks: 2^k centroids per input column, shared by every row
+    (params [1, cols, 2^k]). A group is one column (``group_size`` 1), so GPTQ's column
+    loop fits each column's codebook to its error-updated values when it reaches it. The
+    k-means is Codebook's, run on the column's values across rows. Storage: the codes, plus
+    2^k float16 centroids per column (16·2^k / rows bits per weight)."""
+
+    kind = "codebook-col"
+    shares_rows: ClassVar[bool] = True  # one parameter set for all rows: never solve stacked matrices
+
+    group_size: int | None = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.group_size != 1:
+            raise LowbitError(f"column codebooks group one column at a time (group size 1), got {self.group_size!r}")
+
+    def describe(self) -> str:
+        return f"codebook{self.bits}-col"
+
+    @staticmethod
+    def _columns(wg, mask):
+        rows, groups, width = wg.shape
+        x = wg.permute(1, 0, 2).reshape(1, groups, rows * width)
+        m = None if mask is None else mask.repeat(1, rows)
+        return x, m
+
+    def fit(self, wg, mask=None, importance=None):
+        x, m = self._columns(wg, mask)
+        return super().fit(x, m)  # a per-column importance weighs every value of the column alike
+
+    def kmeans_reference(self, wg, mask=None, importance=None):
+        x, m = self._columns(wg, mask)
+        return super().kmeans_reference(x, m)
+
+    def encode(self, wg, params):
+        return nearest_level(wg, self.levels(params).expand(wg.shape[0], -1, -1))
+
+    def decode(self, codes, params):
+        return torch.gather(self.levels(params).expand(codes.shape[0], -1, -1), 2, codes.long())
+
+    def unpack(self, tensors, rows, cols, g_idx):
+        pack_check(tensors, ["qweight", "centroids"], f"format {self.describe()}")
+        n_groups = int(g_idx.max()) + 1 if g_idx.numel() else 1
+        c = check_shape(tensors["centroids"], (1, n_groups, 2**self.bits), "centroids")
         if not torch.isfinite(c.float()).all():
             raise LowbitError(f"format {self.describe()}: non-finite centroids")
         return Encoded(self, unpack(tensors["qweight"], self.bits, cols), {"centroids": c}, g_idx.to(torch.int32))

@@ -6,6 +6,7 @@
     bcq1 .. bcq4         binary codes, k scales per (row, group); bcqK-offset adds a shift
     ternary, ternary-tq1 alpha·{-1, 0, 1}, 2-bit or 1.6-bit (TQ1_0-style) packing
     codebook1 .. codebook8  2^k learned float16 centroids per (row, group)
+    codebook1-col .. codebook8-col  2^k centroids per input column, shared by all rows (CLAQ)
     mixed123             per-group widths 1/2/3 bits by salience (SliM-LLM), the digits the choices
     Q4_0 .. Q8_0, Q2_K .. Q6_K   a GGML block type (formats.ggml); the width must be a multiple of its block
     Q4_K_M, Q6_K, Q2_K, ...  a llama.cpp file type (what llama-quantize accepts): a GGML type per
@@ -26,10 +27,11 @@ _PATTERNS = (
     (r"bcq([1-4])(-offset)?", lambda m, gs, sd: make_format("bcq", bits=int(m[1]), group_size=gs, offset=bool(m[2]), scale_dtype=sd)),
     (r"ternary(-tq1)?", lambda m, gs, sd: make_format("ternary", group_size=gs, packing="tq1" if m[1] else "2bit", scale_dtype=sd)),
     (r"codebook([1-8])", lambda m, gs, sd: make_format("codebook", bits=int(m[1]), group_size=gs, scale_dtype=sd)),
+    (r"codebook([1-8])-col", lambda m, gs, sd: make_format("codebook-col", bits=int(m[1]), group_size=1, scale_dtype=sd)),
     (r"mixed([1-8]{2,3})", lambda m, gs, sd: make_format("mixed", choices=tuple(sorted({int(c) for c in m[1]})), group_size=gs)),
 )
 _GGML = r"(Q4_0|Q4_1|Q5_0|Q5_1|Q8_0|Q2_K|Q3_K|Q4_K|Q5_K|Q6_K)"
-NAMES = "int, Q4_0..Q8_0 / Q2_K..Q6_K (GGML types), Q4_K_M etc. (llama.cpp mixtures), nf4, nf4-dq, fp4, fp4-dq, bcq1..bcq4[-offset], ternary, ternary-tq1, codebook1..codebook8, mixed123 (per-group widths)"
+NAMES = "int, Q4_0..Q8_0 / Q2_K..Q6_K (GGML types), Q4_K_M etc. (llama.cpp mixtures), nf4, nf4-dq, fp4, fp4-dq, bcq1..bcq4[-offset], ternary, ternary-tq1, codebook1..codebook8[-col], mixed123 (per-group widths)"
 
 
 def canonical(name: str) -> str:
