@@ -140,7 +140,7 @@ class WeightSpec:
     # with group_size as its group (NF4's block) and scale_dtype for its scales
     format: str = "int"
     # share of each matrix's weights kept as exact float16 outliers (row, column, value) on
-    # top of the format (formats.outliers); 0: none. RTN and AWQ only.
+    # top of the format (formats.outliers); 0: none. RTN, AWQ and GPTQ (chosen by w^2·diag(H)).
     outliers: float = 0.0
 
     def __post_init__(self) -> None:

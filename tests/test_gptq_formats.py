@@ -67,3 +67,26 @@ def test_awq_scale_search_fake_quantizes_in_the_format(fmt):
     res = search_scale([W], [spec], H, mean_abs)
     assert res.rtn_error == pytest.approx(float(((W - rtn_dequant(W, spec)) @ H * (W - rtn_dequant(W, spec))).sum()), rel=1e-5)
     assert min(res.errors) <= res.rtn_error
+
+
+@pytest.mark.parametrize("kind,kw", [("nf4", {}), ("bcq", {"bits": 2}), ("int", {"bits": 3, "symmetric": False})])
+def test_gptq_with_outliers(kind, kw):
+    from lowbit.algorithms.gptq_format import _outlier_mask
+    from lowbit.formats.outliers import WithOutliers
+
+    W, H = problem()
+    W[3, 17] = 2.0  # a weight far outside its group's range
+    fmt = make_format(kind, **kw)
+    plain = gptq_format(W, H, fmt)
+    res = gptq_format(W, H, fmt, outliers=0.01)
+    ow = res.enc
+    mask = _outlier_mask(W, torch.diagonal(H), 0.01)
+    assert ow.rows.numel() == int(mask.sum()) == round(0.01 * W.numel()) and mask[3, 17]
+    assert torch.equal(mask[ow.rows, ow.cols], torch.ones(ow.rows.numel(), dtype=torch.bool))
+    deq = ow.dequantize()
+    assert torch.equal(deq[ow.rows, ow.cols], ow.values.float())
+    e_plain, e_out = output_error(W, plain.enc.dequantize(), H), output_error(W, deq, H)
+    e_rtn_out = output_error(W, quantize_matrix(WithOutliers(fmt, 0.01), W, importance=torch.diagonal(H)).dequantize(), H)
+    assert e_out < e_plain and e_out < e_rtn_out, (e_out, e_plain, e_rtn_out)
+    back = ow.fmt.unpack(ow.fmt.pack(ow), *W.shape, ow.g_idx)
+    assert torch.equal(back.dequantize(), deq)

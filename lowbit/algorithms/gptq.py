@@ -21,6 +21,8 @@ stacked matrix: GPTQ treats rows independently, so this is exact and cheaper.
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import logging
 import math
@@ -303,14 +305,14 @@ class GPTQ(Algorithm):
         from .gptq_format import gptq_format, needs_static
 
         o = self.options
-        if any(sp.outliers for sp in specs):
-            raise LowbitError(f"layer {names[0]}: GPTQ with float outliers is not supported yet (use rtn or awq)")
-        fmt = format_of(specs[0])
+        share = specs[0].outliers
+        fmt = format_of(dataclasses.replace(specs[0], outliers=0.0))  # the base format; outliers are the solve's
         shared = getattr(fmt, "shares_rows", False)  # one codebook for all rows: stacking would mix layers
-        if len(modules) > 1 and (needs_static(fmt) or shared or any(sp != specs[0] for sp in specs)):
+        # outliers are a share of each matrix, and a whole-matrix step belongs to one matrix
+        if len(modules) > 1 and (needs_static(fmt) or shared or share or any(sp != specs[0] for sp in specs)):
             return [self._solve_format([n], [m], [sp], stats)[0] for n, m, sp in zip(names, modules, specs)]
         W = torch.cat([m.weight.detach().float() for m in modules])
-        res = gptq_format(W, stats.H, fmt, o.damp_percent, o.block_size, o.act_order, o.static_groups, names[0])
+        res = gptq_format(W, stats.H, fmt, o.damp_percent, o.block_size, o.act_order, o.static_groups, names[0], outliers=share)
         out, row = [], 0
         for m in modules:
             k = m.weight.shape[0]

@@ -48,8 +48,14 @@ def gptq_format(
     act_order: bool = True,
     static_groups: bool = False,
     name: str = "layer",
+    outliers: float = 0.0,
 ) -> FormatSolve:
-    """Quantize W [out, in] in ``fmt`` with GPTQ under the Hessian H [in, in]. Pure function."""
+    """Quantize W [out, in] in ``fmt`` with GPTQ under the Hessian H [in, in]. Pure function.
+
+    outliers: share of weights kept as exact float16 values on top of ``fmt``
+    (formats.outliers, as SpQR): the largest by w^2 * diag(H) (SqueezeLLM's sensitivity)
+    are chosen up front, left out of every group's fit, and when the solve reaches one
+    it keeps its error-updated value in float16, so it feeds (almost) no error forward."""
     W = W.detach().float().clone()
     n_rows, n = W.shape
     if H.shape != (n, n):
@@ -64,11 +70,18 @@ def gptq_format(
     n_groups = math.ceil(n / gs)
     natural_g = default_g_idx(n, fmt.group_size)
     static = static_groups or needs_static(fmt)
+    keep = _outlier_mask(W, torch.diagonal(H), outliers)  # [rows, cols] bool, or None
     # fixed up front: weighted by the Hessian diagonal where the format weighs its fit
-    fixed = quantize_matrix(fmt, W, name, importance=torch.diagonal(H) if fmt.static_params else None) if static else None
+    fixed = None
+    if static:
+        inner = W if keep is None else W.masked_fill(keep, 0.0)
+        fixed = quantize_matrix(fmt, inner, name, importance=torch.diagonal(H) if fmt.static_params else None)
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
+        keep = None if keep is None else keep[:, perm]
+    keep_t = None if keep is None else keep.t().contiguous()
+    kept = None if keep is None else torch.zeros(n, n_rows, dtype=torch.float16)
     Hinv, damp = inverse_hessian_cholesky(H, damp_percent, name)
 
     group_params: list[dict[str, torch.Tensor]] = []
@@ -89,13 +102,18 @@ def gptq_format(
                     g = int(natural_g[perm[col]] if perm is not None else natural_g[col])
                     p = _slice(fixed.params, g)
                 elif col % gs == 0:  # the group's parameters from the current weights
-                    cur = torch.cat([W1[i:], Wt[i2:]])[:gs].t()
-                    p = _slice(fmt.fit(cur.unsqueeze(1)), 0)
+                    cur = torch.cat([W1[i:], Wt[i2:]])[:gs]
+                    if keep_t is not None:  # outliers stay out of the fit
+                        cur = cur.masked_fill(keep_t[col : col + gs], 0.0)
+                    p = _slice(fmt.fit(cur.t().unsqueeze(1)), 0)
                     group_params.append(p)
                 w = W1[i]
                 c = fmt.encode(w.reshape(n_rows, 1, 1), p)
                 codes[col] = c.reshape(n_rows)
                 q = fmt.decode(c, p).reshape(n_rows)
+                if keep_t is not None and keep_t[col].any():
+                    kept[col] = w.to(torch.float16)
+                    q = torch.where(keep_t[col], kept[col].float(), q)
                 err = Err1[i]
                 torch.sub(w, q, out=err).div_(d[i])
                 W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
@@ -113,7 +131,28 @@ def gptq_format(
         if not static:
             g_idx = g_idx[inv]
     enc = Encoded(fmt, codes, params, g_idx.to(torch.int32), extra)
+    if keep is not None:
+        from ..formats.outliers import OutlierWeight, WithOutliers
+
+        inv = torch.argsort(perm) if perm is not None else torch.arange(n)
+        mask, values = keep[:, inv], kept.t()[:, inv]
+        flat = torch.nonzero(mask.reshape(-1)).reshape(-1)  # row-major order, as formats.outliers stores them
+        rows, cols = flat // n, flat % n
+        enc = OutlierWeight(WithOutliers(fmt, outliers), enc, rows, cols, values[rows, cols])
     return FormatSolve(enc, losses, damp, int(dead.sum()))
+
+
+def _outlier_mask(W: torch.Tensor, hdiag: torch.Tensor, share: float) -> torch.Tensor | None:
+    """The ``share`` of weights with the largest w^2 * diag(H), as formats.outliers picks
+    them with that importance (same count, same order of ties)."""
+    if not share:
+        return None
+    k = int(round(share * W.numel()))
+    score = W.pow(2) * hdiag.float().unsqueeze(0)
+    flat = torch.argsort(score.reshape(-1), descending=True, stable=True)[:k]
+    mask = torch.zeros(W.numel(), dtype=torch.bool)
+    mask[flat] = True
+    return mask.reshape(W.shape)
 
 
 def _slice_all(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

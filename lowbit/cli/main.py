@@ -141,6 +141,7 @@ def quantize(
     scale_dtype: Annotated[str, typer.Option("--scale-dtype", help="Storage dtype of weight scales: float16, bfloat16, float32.")] = "float16",
     strict_groups: Annotated[bool, typer.Option("--strict-groups", help="Fail when the group size does not divide a layer's input width.")] = False,
     weight_format: Annotated[Optional[str], typer.Option("--format", "-f", help="Weight format: int2..int8 (the affine grid, as --bits), nf4, nf4-dq, fp4, fp4-dq (bitsandbytes; -g is the block size), bcq1..bcq4[-offset], ternary, ternary-tq1, codebook1..codebook8, mixed123; a GGML type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: its block must divide each width), or a llama.cpp file type (Q4_K_M, Q4_K_S, Q5_K_M, Q3_K_M, Q6_K, Q2_K, ...: a GGML type per layer by llama.cpp's rules, with its fallbacks; `lowbit export gguf` of the result copies the codes). Default: the affine grid of --bits/--asym.")] = None,
+    outliers: Annotated[float, typer.Option("--outliers", help="Share of each matrix's weights kept as exact float16 values (row, column, value) on top of the format, chosen by w^2 (times the Hessian diagonal with GPTQ, as SpQR/SqueezeLLM), e.g. 0.005; counted in bits per weight. rtn, gptq, awq.")] = 0.0,
     no_weights: Annotated[bool, typer.Option("--no-weights", help="Keep weights in float32 and quantize only activations (needs --act-bits).")] = False,
     act_bits: Annotated[Optional[int], typer.Option("--act-bits", help="Activation bits for the input of every quantized Linear; 0 leaves activations in float. Default: the method's (8 for smoothquant, llm-int8, zeroquant; float for the others).", show_default=False)] = None,
     act: Annotated[str, typer.Option("--act", help="Activation scales: 'dynamic' (computed per input at run time) or 'static' (fixed from calibration data).")] = "dynamic",
@@ -176,6 +177,8 @@ def quantize(
     weight = {"restricted": restricted, "observer": observer, "scale_dtype": scale_dtype, "strict_groups": strict_groups}
     if fmt is not None:
         weight["format"] = fmt
+    if outliers:
+        weight["outliers"] = outliers
     for key, given in (("bits", bits), ("symmetric", None if asym is None else not asym),
                        ("group_size", None if group_size is None else parse_group_size(group_size))):
         if given is not None or (key == "group_size" and group_size is not None):
