@@ -67,7 +67,8 @@ def clamp_groups(wg: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch
 def group_blocks_of(H: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     """H's diagonal blocks in the layout's [groups, width, width] order (zero rows and
     columns where a group is padded)."""
-    Hl = layout.gather(layout.gather(H.float()).reshape(H.shape[0], -1).t().contiguous())  # [groups·width, groups, width]
+    # columns into the layout, then (transposed) the rows: Hl[(g, w), g', w'] = H[col(g, w), col(g', w')]
+    Hl = layout.gather(layout.gather(H.float().t()).reshape(H.shape[0], -1).t().contiguous())
     G, Wd = layout.n_groups, layout.width
     Hl = Hl.reshape(G, Wd, G, Wd)
     idx = torch.arange(G)
