@@ -11,7 +11,13 @@ import torch
 
 import lowbit
 from lowbit.algorithms.awq import output_sq_error
-from lowbit.algorithms.awq_clip import clip_skip_reason, group_blocks_of, group_errors, search_clip_format, search_clip_format_reference
+from lowbit.algorithms.awq_clip import (
+    clip_skip_reason,
+    group_blocks_of,
+    group_errors,
+    search_clip_format,
+    search_clip_format_reference,
+)
 from lowbit.config import QuantConfig, WeightSpec
 from lowbit.formats.base import GroupLayout, default_g_idx, make_format, quantize_matrix
 from lowbit.formats.names import format_of

@@ -100,7 +100,9 @@ class FormatClip:
     plain_error: torch.Tensor  # [rows, groups] the same at ratio 1 (the format's own fit)
 
 
-def search_clip_format(fmt: WeightFormat, W: torch.Tensor, H: torch.Tensor, n_grid: int = 20, max_shrink: float = 0.5) -> FormatClip:
+def search_clip_format(
+    fmt: WeightFormat, W: torch.Tensor, H: torch.Tensor, n_grid: int = 20, max_shrink: float = 0.5
+) -> FormatClip:
     """AWQ's clipping search for ``fmt`` on W [out, in] with Gram matrix H [in, in]: the
     format's parameters fitted per ratio on the clamped groups, kept per (row, group) where
     they give the least output error. Contiguous groups of ``fmt.group_size`` (the last
@@ -124,7 +126,9 @@ def search_clip_format(fmt: WeightFormat, W: torch.Tensor, H: torch.Tensor, n_gr
     return FormatClip(best, ratio, err, plain)
 
 
-def search_clip_format_reference(fmt: WeightFormat, W: torch.Tensor, H: torch.Tensor, n_grid: int = 20, max_shrink: float = 0.5) -> FormatClip:
+def search_clip_format_reference(
+    fmt: WeightFormat, W: torch.Tensor, H: torch.Tensor, n_grid: int = 20, max_shrink: float = 0.5
+) -> FormatClip:
     """The same search one (row, group) at a time on its real entries, with the error
     written out as d H_gg d^T: slow and plain, for the tests."""
     W = W.detach().float()
