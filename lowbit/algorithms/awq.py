@@ -19,7 +19,10 @@ operation -> the Linears reading its output, ``arch.scaling_pairs``):
    from a grid of ``clip_grid`` points in (1 - max_shrink, 1], keeping the ratio with the
    least error of the layer output's share from that group. Not for q_proj and k_proj:
    their error reaches the block through the q.k products, which a per-layer output
-   error does not see (the AWQ authors skip them for that reason).
+   error does not see (the AWQ authors skip them for that reason). The affine int grid
+   shrinks [lo, hi] itself (``search_clip``); every other format of the family refits its
+   parameters on weights clamped to the ratio times max |w| (``awq_clip``), except the
+   mixed-width and float16-outlier formats (``awq_clip.clip_skip_reason``).
 4. the runner's pass quantizes every layer round-to-nearest with those ranges (W4, W3...).
 
 The statistics come from one extra forward of the block over ``stat_windows`` (8) of the
@@ -50,6 +53,7 @@ from ..formats.names import format_of
 from ..formats.weights import QuantizedWeight, default_g_idx, grid_of, group_range, quantize_weight
 from ..models.arch import scaling_pairs
 from ..runner import BlockContext
+from .awq_clip import clip_skip_reason, search_clip_format
 from .base import Algorithm, option, register
 from .smoothing import capture, checked_folding, fold_scales, full_precision, spread_windows
 
@@ -254,7 +258,7 @@ class AWQ(Algorithm):
 
     def __init__(self, config):
         super().__init__(config)
-        self._qparams: dict[str, tuple] = {}  # full name -> (spec, scale, zero) from the clip search
+        self._qparams: dict[str, tuple] = {}  # full name -> (spec, scale, zero) or (spec, params) from the clip search
         self._records: dict[str, dict] = {}
 
     def uses_calibration(self) -> bool:
@@ -325,13 +329,22 @@ class AWQ(Algorithm):
                 s = col_scale[n]
                 Hn = Hn / s.unsqueeze(0) / s.unsqueeze(1)
             rec = self._records[ctx.full_name(n)]
-            if o.clip and not specs[n].in_family and n.rsplit(".", 1)[-1] not in NO_CLIP:  # the clip search is over int ranges
+            fmt = format_of(specs[n]) if specs[n].in_family else None
+            if not o.clip or n.rsplit(".", 1)[-1] in NO_CLIP:
+                W_hat = rtn_dequant(W, specs[n])
+            elif fmt is None:  # the affine int grid: its own search over [lo, hi] * p
                 res = search_clip(W, Hn, specs[n], o.clip_grid, o.max_shrink)
                 self._qparams[ctx.full_name(n)] = (specs[n], res.scale, res.zero)
                 W_hat = quantize_weight(W, specs[n], qparams=(res.scale, res.zero)).dequantize()
                 rec["clip_ratio_mean"] = float(res.ratio.mean())
-            else:
+            elif clip_skip_reason(fmt):
+                log.debug("%s: no clipping search on %s: %s", ctx.full_name(n), fmt.describe(), clip_skip_reason(fmt))
                 W_hat = rtn_dequant(W, specs[n])
+            else:  # any other format of the family: through its fit / encode / decode
+                res = search_clip_format(fmt, W, Hn, o.clip_grid, o.max_shrink)
+                self._qparams[ctx.full_name(n)] = (specs[n], res.params)
+                W_hat = quantize_matrix(fmt, W, params=res.params).dequantize()
+                rec["clip_ratio_mean"] = float(res.ratio.mean())
             # in the layer's own (scaled) input domain: for layers whose inputs alone were
             # scaled, the same number as in the original domain
             rec["output_rel_error"] = rel_output_error(W, W_hat, Hn, out_sq[n])
@@ -339,7 +352,8 @@ class AWQ(Algorithm):
     def solve(self, name: str, module: nn.Module, spec: WeightSpec, stats: Any) -> QuantizedWeight:
         found = self._qparams.pop(name, None)
         if spec.in_family:
-            return quantize_matrix(format_of(spec), module.weight, name=name)
+            params = found[1] if found is not None and found[0] == spec else None
+            return quantize_matrix(format_of(spec), module.weight, name=name, params=params)
         if found is not None and found[0] == spec:
             return quantize_weight(module.weight, spec, name=name, qparams=(found[1], found[2]))
         return quantize_weight(module.weight, spec, name=name)

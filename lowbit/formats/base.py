@@ -213,10 +213,14 @@ def quantize_matrix(
     name: str = "weight",
     g_idx: torch.Tensor | None = None,
     importance: torch.Tensor | None = None,
+    params: dict[str, torch.Tensor] | None = None,
 ) -> Encoded:
     """Round-to-nearest of w [rows, cols] in ``fmt``: fit every group, encode, finish.
-    ``importance`` [cols] weighs the fit (formats that use it)."""
+    ``importance`` [cols] weighs the fit (formats that use it); ``params``: group
+    parameters already chosen (AWQ's clipping search), used instead of the fit."""
     if hasattr(fmt, "quantize"):  # a wrapper with a matrix-level step (formats.outliers)
+        if params is not None:
+            raise ValueError(f"{fmt.describe()}: a wrapper fits its own parameters")
         return fmt.quantize(w, name, importance=importance)
     w = check_weight(w, name, fmt)
     g_idx = default_g_idx(w.shape[1], fmt.group_size) if g_idx is None else g_idx.to(torch.int32)
@@ -224,7 +228,8 @@ def quantize_matrix(
     layout = GroupLayout(g_idx, n_groups)
     wg = layout.gather(w)
     imp = None if importance is None else layout.gather(importance.float().reshape(1, -1))[0]
-    params = fmt.fit(wg, layout.mask, imp)
+    if params is None:
+        params = fmt.fit(wg, layout.mask, imp)
     enc = fmt.finish(Encoded(fmt, torch.empty(0, dtype=torch.uint8), params, g_idx))
     codes = fmt.encode(wg, enc.params)
     enc.codes = layout.scatter(codes)
