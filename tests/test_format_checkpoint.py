@@ -156,3 +156,23 @@ def test_outliers_through_the_runner_and_checkpoint(tiny_dir, tmp_path):
     again, _, _ = lowbit.load(str(lowbit.save(model, tok, tmp_path / "ckpt2", report)))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("method", ["smoothquant", "zeroquant"])
+def test_activation_methods_round_weights_in_the_chosen_format(tiny_dir, method):
+    """SmoothQuant's and ZeroQuant's weights go to the format asked for (here nf4), not
+    silently to the affine grid."""
+    from lowbit.algorithms.base import method_config
+
+    model, tok, _ = lowbit.load(str(tiny_dir))
+    config = method_config(method, weight={"format": "nf4", "group_size": 32}, calib_precision="fp32")
+    lowbit.quantize(model, config, calib(len(tok)), progress=False)
+    layers = _layers(model)
+    assert layers and all(m.holds_format and m.fmt.kind == "nf4" for m in layers.values())
+
+
+def test_the_affine_quantizer_refuses_family_formats():
+    from lowbit.formats.weights import quantize_weight
+
+    with pytest.raises(LowbitError, match="not an affine grid"):
+        quantize_weight(torch.randn(4, 64), WeightSpec(format="nf4"), name="x")

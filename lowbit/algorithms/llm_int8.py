@@ -29,7 +29,8 @@ from torch import nn
 
 from ..config import ActSpec, WeightSpec
 from ..errors import LowbitError
-from ..formats.weights import QuantizedWeight, quantize_weight
+from ..formats.names import round_to_nearest
+from ..formats.weights import QuantizedWeight
 from .base import Algorithm, option, register
 
 
@@ -70,4 +71,4 @@ class LLMInt8(Algorithm):
         self.config = dataclasses.replace(self.config, act=llm_int8_act(config.act, self.options.threshold))
 
     def solve(self, name: str, module: nn.Module, spec: WeightSpec, stats: Any) -> QuantizedWeight:
-        return quantize_weight(module.weight, spec, name=name)
+        return round_to_nearest(module.weight, spec, name=name)

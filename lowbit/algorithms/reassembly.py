@@ -46,7 +46,7 @@ import torch
 
 from ..config import ActSpec, WeightSpec
 from ..formats.activations import fake_quantize_act
-from ..formats.weights import quantize_weight
+from ..formats.names import round_to_nearest
 
 
 def disassembly_counts(absmax: torch.Tensor, theta: float) -> torch.Tensor:
@@ -196,7 +196,7 @@ def quantized_output_error(x: torch.Tensor, w: torch.Tensor, plan: Plan, wspec: 
     if aspec is not None:
         xp = fake_quantize_act(xp, aspec)
     if wspec is not None:
-        wp = quantize_weight(wp, wspec).dequantize()
+        wp = round_to_nearest(wp, wspec).dequantize()
     if ref is None:
         ref = x.float() @ w.float().t()
     return float((ref - xp @ wp.t()).pow(2).sum())

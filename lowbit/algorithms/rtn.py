@@ -15,8 +15,8 @@ from torch import nn
 from ..config import WeightSpec
 from ..errors import LowbitError
 from ..formats.base import quantize_matrix
-from ..formats.names import format_of
-from ..formats.weights import QuantizedWeight, quantize_weight
+from ..formats.names import format_of, round_to_nearest
+from ..formats.weights import QuantizedWeight
 from .base import Algorithm, option, register
 
 
@@ -58,9 +58,7 @@ class RTN(Algorithm):
             if stats is None or stats.n == 0:
                 raise LowbitError(f"layer {name}: the imatrix needs calibration inputs, and this layer saw none")
             return quantize_matrix(format_of(spec), module.weight, name=name, importance=stats.mean())
-        if spec.in_family:  # a format of the family: fit each group, nearest value
-            return quantize_matrix(format_of(spec), module.weight, name=name)
-        return quantize_weight(module.weight, spec, name=name)
+        return round_to_nearest(module.weight, spec, name=name)
 
 
 WEIGHTED_KINDS = ("ggml", "bcq", "codebook")

@@ -33,7 +33,8 @@ from torch import nn
 
 from ..config import WeightSpec
 from ..errors import LowbitError
-from ..formats.weights import QuantizedWeight, quantize_weight
+from ..formats.names import round_to_nearest
+from ..formats.weights import QuantizedWeight
 from ..models.arch import is_linear, scaling_pairs
 from ..runner import BlockContext, run_blocks
 from .base import Algorithm, option, register
@@ -96,7 +97,7 @@ class SmoothQuant(Algorithm):
         self._records.update(smooth_block(ctx, o.alpha, o.fold_linear, o.stat_windows))
 
     def solve(self, name: str, module: nn.Module, spec: WeightSpec, stats: Any) -> QuantizedWeight:
-        return quantize_weight(module.weight, spec, name=name)
+        return round_to_nearest(module.weight, spec, name=name)
 
     def layer_record(self, name: str, module: nn.Module, qweight: QuantizedWeight, stats: Any) -> dict:
         return self._records.pop(name, {})

@@ -9,7 +9,8 @@ from typing import Any
 from torch import nn
 
 from ..config import WeightSpec
-from ..formats.weights import QuantizedWeight, quantize_weight
+from ..formats.names import round_to_nearest
+from ..formats.weights import QuantizedWeight
 
 
 class RTNOrGPTQ:
@@ -34,7 +35,7 @@ class RTNOrGPTQ:
     def solve_many(self, names, modules, specs, stats) -> list[QuantizedWeight]:
         if self._gptq is not None:
             return self._gptq.solve_many(names, modules, specs, stats)
-        return [quantize_weight(m.weight, sp, name=n) for n, m, sp in zip(names, modules, specs)]
+        return [round_to_nearest(m.weight, sp, name=n) for n, m, sp in zip(names, modules, specs)]
 
     def solver_record(self, row: dict, name: str, module: nn.Module, qweight: QuantizedWeight, stats: Any) -> dict:
         if self._gptq is not None:

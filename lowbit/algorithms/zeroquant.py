@@ -40,7 +40,8 @@ from torch import nn
 from ..config import ActSpec, WeightSpec
 from ..errors import LowbitError
 from ..formats.activations import fake_quantize_act
-from ..formats.weights import QuantizedWeight, quantize_weight
+from ..formats.names import round_to_nearest
+from ..formats.weights import QuantizedWeight
 from ..nn.qlinear import set_submodule
 from ..runner import BlockContext
 from .base import Algorithm, option, register
@@ -74,7 +75,7 @@ class STELinear(nn.Module):
             x = x + (fake_quantize_act(x.detach(), self.aspec) - x).detach()
         w = self.merged_weight()
         if self.wspec is not None:
-            w = w + (quantize_weight(w.detach(), self.wspec).dequantize().to(w.dtype) - w).detach()
+            w = w + (round_to_nearest(w.detach(), self.wspec).dequantize().to(w.dtype) - w).detach()
         return F.linear(x, w, self.linear.bias)
 
 
@@ -244,7 +245,7 @@ class ZeroQuant(Algorithm):
                 }
 
     def solve(self, name: str, module: nn.Module, spec: WeightSpec, stats: Any) -> QuantizedWeight:
-        return quantize_weight(module.weight, spec, name=name)
+        return round_to_nearest(module.weight, spec, name=name)
 
     def layer_record(self, name: str, module: nn.Module, qweight: QuantizedWeight, stats: Any) -> dict:
         return self._records.pop(name, {})

@@ -89,3 +89,15 @@ def _base_format(spec) -> WeightFormat:
             return build(m, spec.group_size, spec.scale_dtype)
     check_format_name(spec.format)
     raise AssertionError("unreachable")
+
+
+def round_to_nearest(w, spec, name: str = "weight"):
+    """Round-to-nearest of w under ``spec`` in its own format: the affine grid
+    (formats.weights) or any format of the family (formats.base.quantize_matrix)."""
+    if spec.in_family:
+        from .base import quantize_matrix
+
+        return quantize_matrix(format_of(spec), w, name=name)
+    from .weights import quantize_weight
+
+    return quantize_weight(w, spec, name=name)

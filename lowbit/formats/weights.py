@@ -205,6 +205,8 @@ def quantize_weight(
     g_idx overrides the column-to-group map; qparams = (scale, zero) of shape
     [out, n_groups] overrides the range search (GPTQ computes them as it goes).
     """
+    if spec.in_family:
+        raise LowbitError(f"layer {name}: format {spec.describe()} is not an affine grid; quantize it through its format (formats.names.round_to_nearest)")
     if w.dim() != 2:
         raise LowbitError(f"layer {name}: expected a 2-D weight, got shape {tuple(w.shape)}")
     w = w.detach().float()
