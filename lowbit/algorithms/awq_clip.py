@@ -44,6 +44,10 @@ def clip_skip_reason(fmt) -> str | None:
         # parameters picked per (row, group) from them would not share one width per group.
         # GGML types: a super-block's scales are quantized together by the codec's search.
         return "its parameters are chosen over the whole matrix, not per (row, group)"
+    if getattr(fmt, "shares_rows", False):
+        # column codebooks, BiLLM's salient columns: one parameter set serves every row, so
+        # it cannot be picked row by row from differently clamped fits
+        return "its parameters are shared by all rows of the matrix"
     if hasattr(fmt, "quantize"):
         # the float16-outlier wrapper takes the largest weights out as exact values before
         # its base format is fitted: it already removes the tails clipping would cut, and its

@@ -56,6 +56,9 @@ def gptq_format(
     (formats.outliers, as SpQR): the largest by w^2 * diag(H) (SqueezeLLM's sensitivity)
     are chosen up front, left out of every group's fit, and when the solve reaches one
     it keeps its error-updated value in float16, so it feeds (almost) no error forward."""
+    if getattr(fmt, "column_params", False):
+        raise LowbitError(f"layer {name}: GPTQ cannot round in {fmt.describe()} column by column (its code depends on the column's "
+                          "place in its block); use its own method (--method billm)")
     W = W.detach().float().clone()
     n_rows, n = W.shape
     if H.shape != (n, n):
