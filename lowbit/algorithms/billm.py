@@ -48,27 +48,27 @@ def billm_quantize(W: torch.Tensor, H: torch.Tensor, fmt: BiLLMFormat, damp_perc
     bs = fmt.group_size
     codes = torch.empty(rows, n, dtype=torch.uint8)
     groups: list[dict[str, torch.Tensor]] = []
-    with single_thread():
-        for i1 in range(0, n, bs):
-            i2 = min(i1 + bs, n)
-            W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]
-            d = torch.diagonal(U1)
-            p = fmt.fit(W1.unsqueeze(1), None, (1.0 / d.pow(2)).unsqueeze(0))
-            groups.append(p)
-            Err1 = torch.zeros_like(W1)
-            if feedback == "block":
-                c = fmt.encode(W1.unsqueeze(1), p)
-                codes[:, i1:i2] = c[:, 0]
-                Err1 = (W1 - fmt.decode(c, p)[:, 0]) / d
-            else:
-                W1 = W1.clone()
+    for i1 in range(0, n, bs):
+        i2 = min(i1 + bs, n)
+        W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]
+        d = torch.diagonal(U1)
+        p = fmt.fit(W1.unsqueeze(1), None, (1.0 / d.pow(2)).unsqueeze(0))  # the searches: all threads
+        groups.append(p)
+        Err1 = torch.zeros_like(W1)
+        if feedback == "block":
+            c = fmt.encode(W1.unsqueeze(1), p)
+            codes[:, i1:i2] = c[:, 0]
+            Err1 = (W1 - fmt.decode(c, p)[:, 0]) / d
+        else:
+            W1 = W1.clone()
+            with single_thread():  # small per-column steps: threads only add overhead
                 for j in range(i2 - i1):
                     pj = {k: (v[:, :, j : j + 1] if k == "salient" else v) for k, v in p.items()}
                     c = fmt.encode(W1[:, j].reshape(rows, 1, 1), pj)
                     codes[:, i1 + j] = c.reshape(rows)
                     Err1[:, j] = (W1[:, j] - fmt.decode(c, pj).reshape(rows)) / d[j]
                     W1[:, j + 1 :].addr_(Err1[:, j], U1[j, j + 1 :], alpha=-1)
-            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
     width = min(bs, n)  # a narrower last block: its salient mask padded, as GroupLayout pads
     last = groups[-1]["salient"]
     groups[-1]["salient"] = torch.cat([last, torch.zeros(1, 1, width - last.shape[-1], dtype=torch.bool)], -1)

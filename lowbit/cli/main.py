@@ -140,7 +140,7 @@ def quantize(
     observer: Annotated[str, typer.Option("--observer", help="Weight range: minmax, or mse (search the clipping ratio per group).")] = "minmax",
     scale_dtype: Annotated[str, typer.Option("--scale-dtype", help="Storage dtype of weight scales: float16, bfloat16, float32.")] = "float16",
     strict_groups: Annotated[bool, typer.Option("--strict-groups", help="Fail when the group size does not divide a layer's input width.")] = False,
-    weight_format: Annotated[Optional[str], typer.Option("--format", "-f", help="Weight format: int2..int8 (the affine grid, as --bits), nf4, nf4-dq, fp4, fp4-dq (bitsandbytes; -g is the block size), bcq1..bcq4[-offset], ternary, ternary-tq1, codebook1..codebook8, mixed123; a GGML type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: its block must divide each width), or a llama.cpp file type (Q4_K_M, Q4_K_S, Q5_K_M, Q3_K_M, Q6_K, Q2_K, ...: a GGML type per layer by llama.cpp's rules, with its fallbacks; `lowbit export gguf` of the result copies the codes). Default: the affine grid of --bits/--asym.")] = None,
+    weight_format: Annotated[Optional[str], typer.Option("--format", "-f", help="Weight format: int2..int8 (the affine grid, as --bits), nf4, nf4-dq, fp4, fp4-dq (bitsandbytes; -g is the block size), bcq1..bcq4[-offset], ternary, ternary-tq1, codebook1..codebook8[-col], mixed123, billm, billm-int8 (BiLLM's binarization, for --method billm); a GGML type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: its block must divide each width), or a llama.cpp file type (Q4_K_M, Q4_K_S, Q5_K_M, Q3_K_M, Q6_K, Q2_K, ...: a GGML type per layer by llama.cpp's rules, with its fallbacks; `lowbit export gguf` of the result copies the codes). Default: the affine grid of --bits/--asym.")] = None,
     outliers: Annotated[float, typer.Option("--outliers", help="Share of each matrix's weights kept as exact float16 values (row, column, value) on top of the format, chosen by w^2 (times the Hessian diagonal with GPTQ, as SpQR/SqueezeLLM), e.g. 0.005; counted in bits per weight. rtn, gptq, awq.")] = 0.0,
     no_weights: Annotated[bool, typer.Option("--no-weights", help="Keep weights in float32 and quantize only activations (needs --act-bits).")] = False,
     act_bits: Annotated[Optional[int], typer.Option("--act-bits", help="Activation bits for the input of every quantized Linear; 0 leaves activations in float. Default: the method's (8 for smoothquant, llm-int8, zeroquant; float for the others).", show_default=False)] = None,
@@ -401,9 +401,11 @@ def methods(
 def _add_subcommands() -> None:
     from .activations import activations
     from .export import export_app
+    from .qat import qat
 
     app.add_typer(export_app, name="export")
     app.command("activations")(activations)
+    app.command("qat")(qat)
 
 
 _add_subcommands()

@@ -41,3 +41,42 @@ def plot_layer_errors(layers: list[dict], path: Path, title: str = "") -> Path |
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_training(history: list[dict], path: Path, title: str = "", final: dict | None = None, base_ppl: float | None = None) -> Path | None:
+    """QAT's curves against training tokens: the training loss, and the protocol's
+    perplexity and KL where they were measured (--eval-every, and the final model)."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    tokens = [h["tokens"] for h in history]
+    a1.plot(tokens, [h["loss"] for h in history], lw=1, label="loss")
+    a1.plot(tokens, [h["kl"] for h in history], lw=1, alpha=0.6, label="KL to float (train)")
+    a1.set_xlabel("training tokens")
+    a1.set_ylabel("loss")
+    a1.legend(fontsize=8)
+    a1.grid(alpha=0.3)
+    pts = [(h["tokens"], h["eval"]) for h in history if "eval" in h]
+    if final is not None:
+        pts.append((tokens[-1], final))
+    if pts:
+        a2.plot([t for t, _ in pts], [e["ppl"] for _, e in pts], "o-", label="perplexity")
+        if base_ppl:
+            a2.axhline(base_ppl, color="gray", ls=":", label="float32")
+        a2.set_xlabel("training tokens")
+        a2.set_ylabel("perplexity (protocol)")
+        b = a2.twinx()
+        b.plot([t for t, _ in pts], [e["kl"] for _, e in pts], "s--", color="C1", label="KL")
+        b.set_ylabel("KL (nats)")
+        a2.legend(fontsize=8, loc="upper right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

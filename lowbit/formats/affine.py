@@ -23,6 +23,7 @@ from .weights import mse_qparams
 @dataclass(frozen=True)
 class AffineInt(WeightFormat):
     kind = "int"
+    scale_keys = ("scale",)
 
     bits: int = 4
     group_size: int | None = 64

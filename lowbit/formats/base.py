@@ -78,6 +78,8 @@ class WeightFormat:
 
     kind: ClassVar[str] = ""
     static_params: ClassVar[bool] = False  # True: parameters need the whole matrix (GPTQ fixes them up front)
+    # parameters that scale the represented values linearly (QAT's learned scales multiply them)
+    scale_keys: ClassVar[tuple[str, ...]] = ()
     group_size: int | None = 64
 
     # --- per-group math: subclasses ---------------------------------------------------

@@ -42,6 +42,7 @@ def _lstsq(A: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class BCQ(WeightFormat):
     kind = "bcq"
+    scale_keys = ("alpha", "offset")
 
     bits: int = 3
     group_size: int | None = 64

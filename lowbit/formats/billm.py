@@ -44,9 +44,10 @@ PERCENTILES = torch.linspace(0.10, 0.90, 81)
 
 
 def binarize(w: torch.Tensor, m: torch.Tensor, passes: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Residual binarization of the entries of w [R, W] where m [R or 1, W] is true:
-    (approximation [R, W] (0 outside m), means [R, passes], scales [R, passes])."""
-    m = m.expand_as(w).float()
+    """Residual binarization of the entries of w [..., R, W] where m [..., R or 1, W] is
+    true (leading dimensions broadcast: candidates side by side): (approximation [..., R, W]
+    (0 outside m), means [..., R, passes], scales [..., R, passes])."""
+    w, m = torch.broadcast_tensors(w, m.float())
     n = m.sum(-1).clamp(min=1)
     approx = torch.zeros_like(w)
     mus, alphas = [], []
@@ -66,10 +67,6 @@ def break_candidates(values: torch.Tensor) -> torch.Tensor:
     """The break points tried: the 10th..90th percentiles of |w|, rounded to the float16
     that stores the chosen one (so the search and the stored rule split alike)."""
     return torch.quantile(values.double(), PERCENTILES.double()).to(torch.float16).float().unique()
-
-
-def weighted_error(w: torch.Tensor, q: torch.Tensor, imp: torch.Tensor) -> float:
-    return float(((w - q).pow(2) * imp).sum())
 
 
 @register
@@ -118,29 +115,36 @@ class BiLLMFormat(WeightFormat):
         cols = int(real.sum())
         score = torch.where(real, (w.pow(2) * imp).sum(0), -1.0)
         order = torch.argsort(score, descending=True, stable=True)
-        best_k, best = 0, float("inf")
-        for k in range(1, max(min(self.max_salient, cols), 2)):
-            s = torch.zeros(width, dtype=torch.bool)
-            s[order[: min(k, cols - 1)]] = True
-            rest = real & ~s
-            q = binarize(w, s.unsqueeze(0), 2)[0] + binarize(w, rest.unsqueeze(0), 2)[0]
-            err = weighted_error(w, q, imp)
-            if err < best:
-                best, best_k = err, min(k, cols - 1)
-        sal = torch.zeros(width, dtype=torch.bool)
-        sal[order[:best_k]] = True
+        counts = list(range(1, max(min(self.max_salient, cols), 2)))
+        ranks = torch.empty(width, dtype=torch.long)
+        ranks[order] = torch.arange(width)
+        chunk = max(1, 2**22 // max(rows * width, 1))  # candidates evaluated side by side
+
+        def errors(q: torch.Tensor) -> torch.Tensor:  # [K, R, W] -> [K]
+            return ((w - q).pow(2) * imp).sum((-1, -2))
+
+        errs = []
+        for c0 in range(0, len(counts), chunk):
+            ks = torch.tensor([min(k, cols - 1) for k in counts[c0 : c0 + chunk]])
+            s = (ranks.unsqueeze(0) < ks.unsqueeze(1)).unsqueeze(1)  # [K, 1, W]
+            errs.append(errors(binarize(w, s, 2)[0] + binarize(w, real & ~s, 2)[0]))
+        best_k = min(counts[int(torch.argmin(torch.cat(errs)))], cols - 1)
+        sal = ranks < best_k
         q_sal, mu_s, a_s = binarize(w, sal.unsqueeze(0), 2)
         rest = (real & ~sal).unsqueeze(0).expand(rows, -1)
         vals = w.abs()[rest]
-        brk_best, best, parts = 0.0, float("inf"), None
+        brk_best, parts = 0.0, None
         if vals.numel():
-            for p in break_candidates(vals):
-                lo, hi = rest & (w.abs() < p), rest & (w.abs() >= p)
-                q_lo, mu_lo, a_lo = binarize(w, lo, 1)
-                q_hi, mu_hi, a_hi = binarize(w, hi, 1)
-                err = weighted_error(w, q_lo + q_hi + q_sal, imp)
-                if err < best:
-                    best, brk_best, parts = err, float(p), (mu_lo, a_lo, mu_hi, a_hi)
+            cands = break_candidates(vals)
+            errs = []
+            for c0 in range(0, len(cands), chunk):
+                lo = rest & (w.abs() < cands[c0 : c0 + chunk].reshape(-1, 1, 1))  # [K, R, W]
+                errs.append(errors(binarize(w, lo, 1)[0] + binarize(w, rest & ~lo, 1)[0] + q_sal))
+            brk_best = float(cands[int(torch.argmin(torch.cat(errs)))])
+            lo, hi = rest & (w.abs() < brk_best), rest & (w.abs() >= brk_best)
+            _, mu_lo, a_lo = binarize(w, lo, 1)
+            _, mu_hi, a_hi = binarize(w, hi, 1)
+            parts = (mu_lo, a_lo, mu_hi, a_hi)
         if parts is None:
             z = torch.zeros(rows, 1)
             parts = (z, z, z, z)

@@ -30,6 +30,7 @@ from .packing import pack, unpack
 @dataclass(frozen=True)
 class Codebook(WeightFormat):
     kind = "codebook"
+    scale_keys = ("centroids",)
 
     bits: int = 4
     group_size: int | None = 64

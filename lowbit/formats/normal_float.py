@@ -110,6 +110,7 @@ def dequantize_dynamic_blockwise(q: torch.Tensor, absmax: torch.Tensor, blocksiz
 
 @dataclass(frozen=True)
 class _FourBitTable(WeightFormat):
+    scale_keys = ("absmax",)
     group_size: int | None = 64
     double_quant: bool = False
 

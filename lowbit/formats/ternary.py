@@ -53,6 +53,7 @@ def unpack_trits_reference(b: torch.Tensor, n: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class Ternary(WeightFormat):
     kind = "ternary"
+    scale_keys = ("alpha",)
 
     group_size: int | None = 64
     packing: str = "2bit"
