@@ -144,3 +144,27 @@ def test_cli(tiny_dir, tmp_path, cache):
     assert "perplexity" in r.output and (tmp_path / "ckpt" / "training.png").exists() and (tmp_path / "ckpt" / "training.json").exists()
     r = CliRunner().invoke(app, args[:-2] + ["-o", str(tmp_path / "ckpt")])
     assert r.exit_code != 0 and "--resume" in r.output  # an earlier state is not overwritten silently
+
+
+def test_bitnet_formats_as_the_papers_define_them():
+    w, _ = layer(rows=6, cols=40)
+    one = quantize_matrix(format_of(WeightSpec(format="bitnet")), w)
+    beta, alpha = w.abs().mean(), w.mean()
+    assert torch.allclose(one.dequantize(), torch.where(w - alpha >= 0, beta, -beta))
+    tern = quantize_matrix(format_of(WeightSpec(format="bitnet158")), w)
+    gamma = w.abs().mean()
+    assert torch.allclose(tern.dequantize(), torch.round(w / (gamma + 1e-5)).clamp(-1, 1) * gamma)
+
+
+def test_bitnet_qat_trains_with_8bit_absmax_activations(tiny_dir, tmp_path):
+    """BitLinear: per-matrix ternary weights (scale refit every step) and 8-bit absmax
+    per-token inputs, both straight through; the result holds both."""
+    model, tok, windows = _setup(tiny_dir)
+    config = method_config("rtn", weight={"format": "bitnet158"}, act={"bits": 8, "symmetric": True})
+    cfg = QATConfig(steps=3, batch=2, lr=1e-3, scales="fixed", save_every=0)
+    q, history = qat(model, tok, config, windows, cfg, tmp_path / "state")
+    layers = [m for m in q.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.fmt.kind == "bitnet" and m.fmt.ternary and m.aspec.bits == 8 and m.aspec.symmetric for m in layers)
+    assert all(set(torch.unique(m.encoded.codes).tolist()) <= {0, 1, 2} for m in layers)
+    with pytest.raises(LowbitError, match="--scales fixed"):
+        wrap(lowbit.load(str(tiny_dir))[0], lambda n: WeightSpec(format="bitnet158"), "learned")

@@ -29,7 +29,9 @@ def qat(
     warmup: Annotated[int, typer.Option("--warmup", help="Learning-rate warm-up steps.")] = 10,
     blend_steps: Annotated[int, typer.Option("--blend-steps", help="Blend quantization in over this many steps: w + lam·(q(w) - w), lam from 0 to 1 (0: quantized from the start).")] = 0,
     distill: Annotated[float, typer.Option("--distill", help="Loss = distill·KL(float model || trained) + (1 - distill)·next-token loss; 1: distillation only.")] = 1.0,
-    scales: Annotated[str, typer.Option("--scales", help="learned (LSQ-style multipliers of each group's parameters) or fixed (refit on the current weights every step).")] = "learned",
+    scales: Annotated[Optional[str], typer.Option("--scales", help="learned (LSQ-style multipliers of each group's parameters) or fixed (refit on the current weights every step). Default: learned; fixed for formats with one scale per matrix or across rows (bitnet, bitnet158, column codebooks, nf4-dq), which cannot learn per-group multipliers.", show_default=False)] = None,
+    act_bits: Annotated[Optional[int], typer.Option("--act-bits", help="Also fake-quantize every Linear's input to this many bits, dynamic per token (0: float). Default: 8 symmetric absmax for bitnet and bitnet158 (the papers' BitLinear), float otherwise.", show_default=False)] = None,
+    act_asym: Annotated[Optional[bool], typer.Option("--act-asym/--act-sym", help="Asymmetric activations (lowbit's default) or symmetric absmax (BitNet's).", show_default=False)] = None,
     grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing", help="Recompute activations in the backward pass (less memory, ~30% slower).")] = False,
     save_every: Annotated[int, typer.Option("--save-every", help="Write the resumable state every N steps (0: never).")] = 50,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Also evaluate under the protocol every N steps (0: at the end only).")] = 0,
@@ -52,16 +54,26 @@ def qat(
     from ..training.qat import QATConfig, qat as run_qat, training_windows
     from .main import out, parse_group_size, parse_weight_format
 
+    bits, fmt = parse_weight_format(weight_format, None)
+    bitnet = fmt in ("bitnet", "bitnet158")
+    if scales is None:
+        from ..formats.names import format_of
+        from ..config import WeightSpec
+
+        probe = format_of(WeightSpec(format=fmt or "int", bits=bits or 4, group_size=64))
+        scales = "fixed" if getattr(probe, "shares_rows", False) or getattr(probe, "double_quant", False) or getattr(probe, "static_params", False) else "learned"
+    if act_bits is None:
+        act_bits = 8 if bitnet else 0
+    act = False if act_bits == 0 else {"bits": act_bits, "symmetric": (not act_asym) if act_asym is not None else bitnet, "granularity": "token"}
     cfg = QATConfig(steps=steps, batch=batch, lr=lr, scale_lr=scale_lr, warmup_steps=warmup, blend_steps=blend_steps,
                     distill=distill, scales=scales, grad_checkpointing=grad_checkpointing, save_every=save_every,
                     eval_every=eval_every, seed=seed)
-    bits, fmt = parse_weight_format(weight_format, None)
     weight = {"symmetric": not asym, "group_size": 64 if group_size is None else parse_group_size(group_size)}
     if fmt is not None:
         weight["format"] = fmt
     if bits is not None:
         weight["bits"] = bits
-    config = method_config("rtn", weight=weight)
+    config = method_config("rtn", weight=weight, act=act)
     check_writable(output / "lowbit_config.json")
     m, tok, info = api.load(model)
     if info.get("checkpoint") is not None:

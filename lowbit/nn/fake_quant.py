@@ -1,6 +1,7 @@
 """Fake-quantized Linear layers for quantization-aware training, on any weight format.
 
-The forward uses w + lam·(q(w) - w), where q(w) is the weight rounded in its format and the
+With an activation format (``act``, dynamic: BitNet's 8-bit absmax per token) the input is
+fake-quantized too, straight through. The forward uses w + lam·(q(w) - w), where q(w) is the weight rounded in its format and the
 rounding is straight-through (gradient 1). lam blends quantization in during a warm-up
 (0: the float layer; 1: fully quantized). Two ways to get q:
 
@@ -26,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import WeightSpec
+from ..config import ActSpec, WeightSpec
+from ..formats.activations import fake_quantize_act
 from ..errors import LowbitError
 from ..formats.base import Encoded, GroupLayout, quantize_matrix
 from ..formats.names import format_of, round_to_nearest
@@ -37,9 +39,9 @@ from .qlinear import QuantLinear
 def learnable_reason(fmt) -> str | None:
     """Why a format cannot learn its scales (None: it can)."""
     if not getattr(fmt, "scale_keys", ()):
-        return f"format {fmt.describe()} has no parameter that scales its values (use scales=fixed)"
+        return f"format {fmt.describe()} has no parameter that scales its values (use scales=fixed, --scales fixed)"
     if getattr(fmt, "shares_rows", False) or getattr(fmt, "static_params", False) or getattr(fmt, "double_quant", False) or hasattr(fmt, "quantize"):
-        return f"format {fmt.describe()} fits its parameters over the whole matrix or across rows (use scales=fixed)"
+        return f"format {fmt.describe()} fits its parameters over the whole matrix or across rows (use scales=fixed, --scales fixed)"
     return None
 
 
@@ -54,11 +56,13 @@ def encoded_of(q: QuantLinear) -> Encoded:
 
 class FakeQuantLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: WeightSpec, scales: str = "learned",
-                 init: Encoded | None = None, name: str = "layer"):
+                 init: Encoded | None = None, name: str = "layer", act: ActSpec | None = None):
         super().__init__()
         if scales not in ("learned", "fixed"):
             raise LowbitError(f"scales must be learned or fixed, got {scales!r}")
-        self.spec, self.scales, self.name = spec, scales, name
+        if act is not None and not act.dynamic:
+            raise LowbitError(f"layer {name}: QAT fake-quantizes activations dynamically (per token or tensor); static scales need calibration, not training")
+        self.spec, self.scales, self.name, self.act = spec, scales, name, act
         self.fmt = format_of(spec)
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.detach().float().clone())
@@ -95,6 +99,8 @@ class FakeQuantLinear(nn.Module):
         return m_cols * (qu + (u - u.detach()))  # the value m·Q(u) exactly; d/dm = Q(u) - u, d/dw = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:  # straight through the activations' rounding too
+            x = fake_quantize_act(x.detach(), self.act) + (x - x.detach())
         w = self.weight
         if self.lam > 0:
             q = self.quantized_weight()
@@ -124,10 +130,10 @@ class FakeQuantLinear(nn.Module):
         if self.bias is not None:
             lin.bias.copy_(self.bias)
         if self.spec.in_family:
-            return QuantLinear.from_linear(lin, enc, self.spec)
+            return QuantLinear.from_linear(lin, enc, self.spec, self.act)
         zero = None if self.spec.symmetric else enc.params["zero"].to(torch.uint8)
         qw = QuantizedWeight(enc.codes, enc.params["scale"], zero, enc.g_idx, self.fmt.grid, self.spec.group_size)
-        return QuantLinear.from_linear(lin, qw, self.spec)
+        return QuantLinear.from_linear(lin, qw, self.spec, self.act)
 
 
 def _as_encoded(qw: QuantizedWeight, fmt) -> Encoded:

@@ -90,7 +90,7 @@ def blend(step: int, cfg: QATConfig) -> float:
     return 1.0 if cfg.blend_steps == 0 else min(1.0, (step + 1) / cfg.blend_steps)
 
 
-def wrap(model: nn.Module, spec_for: Callable[[str], WeightSpec | None], scales: str) -> list[str]:
+def wrap(model: nn.Module, spec_for: Callable[[str], WeightSpec | None], scales: str, act=None) -> list[str]:
     """Replace every decoder Linear (float or QuantLinear) by a FakeQuantLinear; its names."""
     from ..models.arch import decoder_layers
 
@@ -102,12 +102,12 @@ def wrap(model: nn.Module, spec_for: Callable[[str], WeightSpec | None], scales:
         if isinstance(mod, QuantLinear):
             if mod.wspec is None:
                 continue
-            fq = FakeQuantLinear(mod.dequantized_weight(), mod.bias, mod.wspec, scales, init=encoded_of(mod), name=name)
+            fq = FakeQuantLinear(mod.dequantized_weight(), mod.bias, mod.wspec, scales, init=encoded_of(mod), name=name, act=act)
         elif isinstance(mod, nn.Linear):
             spec = spec_for(name)
             if spec is None:
                 continue
-            fq = FakeQuantLinear(mod.weight, mod.bias, spec, scales, name=name)
+            fq = FakeQuantLinear(mod.weight, mod.bias, spec, scales, name=name, act=act)
         else:
             continue
         set_submodule(model, name, fq)
@@ -236,7 +236,7 @@ def qat(model: nn.Module, tokenizer, config, windows: torch.Tensor, cfg: QATConf
         api.quantize(model, dataclasses.replace(config, method="gptq", options={}), calib, progress=progress)
     elif init != "rtn":
         raise LowbitError(f"init must be rtn or gptq, got {init!r}")
-    wrap(model, lambda n: None if config.is_ignored(n) else config.weight_spec_for(n), cfg.scales)
+    wrap(model, lambda n: None if config.is_ignored(n) else config.weight_spec_for(n), cfg.scales, config.act)
     out_dir.mkdir(parents=True, exist_ok=True)
     history = train(model, teacher, windows, cfg, out_dir, resume, evaluate, on_step, stop_after)
     if history and history[-1]["step"] < cfg.steps:
