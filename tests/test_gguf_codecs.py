@@ -28,13 +28,14 @@ from lowbit.formats.gguf.search import colsum
 
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
-ALL = LEGACY + KQUANTS + ["IQ4_NL"]
-SEARCHED = [t for t in ALL if t != "Q8_0"]  # Q8_0 has no search, so importance cannot help
+TERNARY = ["TQ1_0", "TQ2_0"]
+ALL = LEGACY + KQUANTS + ["IQ4_NL"] + TERNARY
+SEARCHED = [t for t in ALL if t != "Q8_0" and t not in TERNARY]  # Q8_0 and the TQ types have no search, so importance cannot help
 
 # Byte offsets of the float16 fields (d, and m/dmin) inside one block of each type.
 FP16_FIELDS = {
     "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
-    "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0],
+    "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "TQ1_0": [52], "TQ2_0": [64],
 }  # fmt: skip
 
 
@@ -178,7 +179,9 @@ def test_zero_blocks_decode_to_exact_zeros(name):
         assert np.all(out == 0)
 
 
-@pytest.mark.parametrize("name", ALL)
+# three levels per block (the TQ types) cannot meet these accuracy bounds on Gaussian rows;
+# test_ternary_types_store_bitnet_blocks_exactly checks what they are for
+@pytest.mark.parametrize("name", [t for t in ALL if t not in TERNARY])
 def test_constant_and_outlier_blocks(name):
     w = edge_rows()
     out = G.dequantize_tensor(G.quantize_tensor(w, name), name, w.shape)
@@ -336,3 +339,19 @@ def test_bytes_match_ggml_reference_where_installed(gauss):
         for name in ALL:
             for imp in (None, importance):
                 np.testing.assert_array_equal(G.quantize_tensor(w, name, imp), ggml_quantize(w, name, imp), err_msg=name)
+
+
+@pytest.mark.parametrize("name", TERNARY)
+def test_ternary_types_store_bitnet_blocks_exactly(name):
+    """gamma·{-1, 0, 1} blocks (BitNet b1.58's weights) decode exactly when gamma is a
+    float16; every other value rounds to the block's three levels d·{-1, 0, 1}."""
+    rng = np.random.default_rng(3)
+    gamma = np.float32(np.float16(0.0371))
+    w = (rng.integers(-1, 2, (6, 512)) * gamma).astype(np.float32)
+    w[:, 0] = gamma  # every block holds its scale
+    w[:, 256] = -gamma
+    assert np.array_equal(G.dequantize_tensor(G.quantize_tensor(w, name), name, w.shape), w)
+    x = rng.standard_normal((4, 256)).astype(np.float32)
+    out = G.dequantize_tensor(G.quantize_tensor(x, name), name, x.shape)
+    d = np.abs(x).max(axis=1, keepdims=True).astype(np.float16).astype(np.float32)
+    assert np.allclose(out, np.clip(np.round(x / d), -1, 1) * d, rtol=0, atol=1e-7)

@@ -430,3 +430,34 @@ def test_cli_export_gguf_smoothed(kdir, tmp_path, cache, excerpt):
     ids = torch.tensor([tok("The history of the city began in the year")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_ternary_presets_follow_llama_cpp():
+    """TQ1_0/TQ2_0: 256-wide rows keep the type, others fall back to Q4_0; the tied
+    embedding is quantized like the output (Q8_0 where 256 does not divide), an untied one Q4_K."""
+    shape = gp.ModelShape(n_layer=30, n_head=9, n_head_kv=3)
+    tensors = [("token_embd.weight", (49152, 576)), ("blk.0.attn_q.weight", (576, 576)), ("blk.0.ffn_down.weight", (576, 1536))]
+    for name, t in (("TQ1_0", T.TQ1_0), ("TQ2_0", T.TQ2_0)):
+        types = gp.choose_types(name, tensors, shape)
+        assert types == {"token_embd.weight": T.Q8_0, "blk.0.attn_q.weight": T.Q4_0, "blk.0.ffn_down.weight": t}
+        untied = gp.choose_types(name, tensors + [("output.weight", (49152, 576))], shape)
+        assert untied["token_embd.weight"] == T.Q5_0  # Q4_K, then its fallback for 576-wide rows
+
+
+@pytest.mark.parametrize("qtype", ["TQ2_0", "TQ1_0"])
+def test_bitnet158_checkpoint_exports_exact_ternary_blocks(kdir, tmp_path, cache, qtype):
+    """A BitNet b1.58 model written as TQ2_0/TQ1_0 keeps its trits: every 256-wide tensor
+    decodes to gamma·{-1, 0, 1} with gamma in float16, as lowbit holds it."""
+    from gguf import quants
+
+    model, tok, info = lowbit.load(str(kdir))
+    lowbit.quantize(model, lowbit.QuantConfig(method="rtn", weight=lowbit.WeightSpec(format="bitnet158")), progress=False)
+    res = export_gguf(model, tok, tmp_path / "t.gguf", qtype, source=info["source"])
+    stored = {t.name: t for t in GGUFReader(str(res.path)).tensors}
+    t = stored["blk.1.ffn_down.weight"]
+    assert t.tensor_type == T[qtype]
+    q = model.model.layers[1].mlp.down_proj
+    gamma = float(q.encoded.params["gamma"])
+    want = (q.encoded.codes.float() - 1).numpy() * np.float32(np.float16(gamma))
+    got = quants.dequantize(np.asarray(t.data), T[qtype]).reshape(want.shape)
+    np.testing.assert_array_equal(got, want)

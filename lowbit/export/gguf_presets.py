@@ -16,7 +16,8 @@ bundled with llama-cpp-python 0.3.36, so that our files have the same layout as
   more bits for Q2_K/Q3_K_M/Q3_K_L;
 - last, a type whose block does not divide the row width (ne[0], the number of input
   columns) is replaced: Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and a
-  32-wide type that still does not fit -> F16.
+  32-wide type that still does not fit -> F16; TQ1_0/TQ2_0 -> Q4_0 (an untied
+  token_embd.weight gets Q4_K under them).
 
 benchmarks/gguf_llamacpp.py checks the result on SmolLM2 against llama.cpp's own files: every
 preset's 272 tensors get the same types.
@@ -71,6 +72,8 @@ PRESETS: dict[str, Preset] = {
         _p("Q4_1", T.Q4_1),
         _p("Q4_0", T.Q4_0),
         _p("IQ4_NL", T.IQ4_NL),
+        _p("TQ1_0", T.TQ1_0),
+        _p("TQ2_0", T.TQ2_0),
     )
 }
 
@@ -144,7 +147,7 @@ def _mixture(p: Preset, cat: str, layer: int, n_attn_v: int, hp: ModelShape, nco
             return T.Q8_0
         return T.Q6_K
     if cat == "token_embd":
-        return t
+        return T.Q4_K if f in ("TQ1_0", "TQ2_0") else t
     if cat == "attn_v":
         if f == "Q2_K":
             t = T.Q4_K if hp.n_gqa >= 4 else T.Q3_K

@@ -54,7 +54,7 @@ def is_mixture(name: str) -> bool:
     plan's overrides) a name such as Q6_K is the GGML type itself."""
     from ..export.gguf_presets import PRESETS
 
-    return isinstance(name, str) and name in PRESETS and name not in ("F32", "F16", "BF16", "IQ4_NL")
+    return isinstance(name, str) and name in PRESETS and name not in ("F32", "F16", "BF16", "IQ4_NL", "TQ1_0", "TQ2_0")
 
 
 def is_ggml(name: str) -> bool:

@@ -5,14 +5,14 @@
     w_hat = dequantize_tensor(raw, "Q4_K", w.shape)
 
 Types: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 (legacy, blocks of 32), Q2_K Q3_K Q4_K Q5_K Q6_K
-(super-blocks of 256), IQ4_NL (blocks of 32). The legacy quantizers match ggml's
+(super-blocks of 256), IQ4_NL (blocks of 32), TQ1_0 TQ2_0 (ternary, super-blocks of 256). The legacy quantizers match ggml's
 reference bytes exactly; the k-quant and IQ4_NL quantizers follow llama.cpp's searches.
 Decoding of every type is checked bit-exactly against gguf-py. ``grid_of``/``with_codes``
 expose the code grid a quantized tensor's scales define, for algorithms (GPTQ) that pick
 the codes themselves.
 """
 
-from . import iq4nl, kquants, legacy  # noqa: F401  (importing registers the codecs)
+from . import iq4nl, kquants, legacy, ternary  # noqa: F401  (importing registers the codecs)
 from .table import (
     QK_K,
     BlockCodec,

@@ -107,6 +107,8 @@ FALLBACK = {
     GGMLQuantizationType.Q4_K: GGMLQuantizationType.Q5_0,
     GGMLQuantizationType.Q5_K: GGMLQuantizationType.Q5_1,
     GGMLQuantizationType.Q6_K: GGMLQuantizationType.Q8_0,
+    GGMLQuantizationType.TQ1_0: GGMLQuantizationType.Q4_0,  # llama.cpp: "TODO: use a symmetric type instead"
+    GGMLQuantizationType.TQ2_0: GGMLQuantizationType.Q4_0,
 }
 
 
