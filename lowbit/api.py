@@ -73,6 +73,7 @@ class QuantReport:
     layers: list[dict]
     seconds: float
     storage: dict = field(default_factory=dict)
+    allocation: dict = field(default_factory=dict)  # the bit budget's choices and predictions, when one was given
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,11 +119,22 @@ def quantize(
     calib: torch.Tensor | None = None,
     *,
     progress: bool = True,
+    budget=None,
 ) -> QuantReport:
     """Quantize ``model`` in place under ``config``; the one verb of lowbit.
 
     calib: calibration windows [n, seq_len]; required by methods that look at data.
+    budget: an ``algorithms.allocate.Budget`` (bits per weight or bytes, candidate formats):
+    first choose one candidate per decoder Linear for it (measured on ``calib``), then run
+    the method with that plan; the report's ``allocation`` holds the choices and predictions.
     """
+    allocation = None
+    if budget is not None:
+        from .algorithms.allocate import allocate
+
+        with matmul_precision("fp32"):
+            allocation = allocate(model, make_algorithm(config).config, calib, budget, progress=progress_bar("allocate bits", progress))
+        config = allocation.config
     algo = make_algorithm(config)
     if config.weight is not None and is_mixture(config.weight.format):  # a llama.cpp file type: one GGML type per layer
         algo = make_algorithm(plan_config(model, algo.config, algo.fit_importance()))
@@ -144,7 +156,8 @@ def quantize(
         )
     seconds = time.perf_counter() - start
     layers = [r for ctx in contexts for r in ctx.records.values()]
-    report = QuantReport(config=config.to_dict(), layers=layers, seconds=seconds, storage=storage_summary(model))
+    report = QuantReport(config=config.to_dict(), layers=layers, seconds=seconds, storage=storage_summary(model),
+                         allocation=allocation.to_dict() if allocation is not None else {})
     model.lowbit_config = config
     return report
 

@@ -1,0 +1,249 @@
+"""Automatic bit allocation: one format per decoder Linear, chosen for a size budget.
+
+    budget (average bits per weight, or bytes of the quantized Linears) + candidate formats
+      -> each Linear's sensitivity to each candidate, measured once on the float model
+      -> the choice per layer with the least predicted loss within the budget
+      -> a QuantConfig with one exact-name override per Linear, run by any method
+
+Sensitivity is the layer's output error on the calibration inputs under round-to-nearest,
+    err(layer, format) = || X (W - Q(W))^T ||^2 = tr(D H D^T),  D = W - Q(W),  H = X^T X,
+with X the inputs the layer sees in the float model (one forward pass over the
+calibration windows). Why this and not the model's KL with one layer quantized at a time:
+the KL costs one evaluation per (layer, candidate), 210 layers x 6 formats = 1,260
+evaluations of SmolLM2, hours on a laptop CPU, while the output error costs one forward
+pass and a quantization per candidate, and it is the quantity GPTQ itself minimises. It
+treats the layers' errors as additive and equally weighted in the loss, which is the
+approximation the predicted-against-measured report checks.
+
+The solve is a multiple-choice knapsack (one candidate per layer, least total error
+within the bytes), exact by dynamic programming over bytes in units of 1/50,000 of the
+largest plan (rounded up, so the plan always fits), then the bytes that rounding leaves are
+spent greedily on the upgrades with the best error saved per byte. Bytes are the exact stored bytes of each candidate on that layer (codes,
+scales, zero points, tables), as ``lowbit inspect`` counts them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import QuantConfig, WeightSpec
+from ..errors import LowbitError
+from ..formats.memory import weight_storage
+from ..formats.names import check_format_name, format_of, round_to_nearest
+from ..models.arch import block_linears, decoder_layers
+
+DEFAULT_CANDIDATES = ("int2", "int3", "int4", "int5", "int6", "int8")
+
+
+def candidate_fields(name: str) -> dict:
+    """A candidate as WeightSpec fields: int<k> is the affine grid of k bits, any other
+    name a format of the family (nf4, bcq3, Q4_K, ...)."""
+    t = name.strip()
+    if t.lower().startswith("int") and t[3:].isdigit():
+        return {"format": "int", "bits": int(t[3:])}
+    from ..formats.names import canonical
+
+    t = canonical(t)
+    check_format_name(t)
+    return {"format": t}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the quantized decoder Linears may take: ``bpw`` (average exact bits per weight)
+    or ``bytes`` (their total stored bytes); exactly one."""
+
+    bpw: float | None = None
+    bytes: int | None = None
+    candidates: tuple[str, ...] = DEFAULT_CANDIDATES
+
+    def __post_init__(self) -> None:
+        if (self.bpw is None) == (self.bytes is None):
+            raise LowbitError("a bit budget needs exactly one of a target bits per weight or a size in bytes")
+        if self.bpw is not None and not self.bpw > 0:
+            raise LowbitError(f"target bits per weight must be positive, got {self.bpw}")
+        if self.bytes is not None and not self.bytes > 0:
+            raise LowbitError(f"size budget must be positive, got {self.bytes}")
+        if not self.candidates:
+            raise LowbitError("a bit budget needs at least one candidate format")
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        for c in self.candidates:
+            candidate_fields(c)
+
+
+@dataclass
+class Allocation:
+    config: QuantConfig
+    choices: dict[str, str]  # layer -> candidate name
+    predicted: dict[str, float]  # layer -> its output error under the chosen candidate
+    bytes: int
+    weights: int
+    table: dict[str, list[tuple[str, float, int]]] = field(default_factory=dict)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.bytes / max(self.weights, 1)
+
+    @property
+    def predicted_total(self) -> float:
+        return float(sum(self.predicted.values()))
+
+    def to_dict(self) -> dict:
+        return {"choices": self.choices, "predicted_output_error": self.predicted, "predicted_total": self.predicted_total,
+                "bytes": self.bytes, "bits_per_weight": self.bits_per_weight,
+                "candidates": {n: [{"format": c, "output_error": e, "bytes": b} for c, e, b in rows] for n, rows in self.table.items()}}
+
+
+def _targets(model: nn.Module, config: QuantConfig) -> dict[str, nn.Linear]:
+    prefix, layers = decoder_layers(model)
+    out = {}
+    for i, block in enumerate(layers):
+        for local, mod in block_linears(block).items():
+            full = f"{prefix}.{i}.{local}"
+            if config.weight_spec_for(full) is not None:
+                out[full] = mod
+    return out
+
+
+@torch.no_grad()
+def input_hessians(model: nn.Module, linears: dict[str, nn.Linear], calib: torch.Tensor) -> dict[str, torch.Tensor]:
+    """X^T X of each Linear's inputs over the calibration windows, on the float model."""
+    H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in linears.items()}
+    hooks = []
+    for n, m in linears.items():
+        def hook(mod, args, n=n):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            H[n].addmm_(x.t(), x)
+        hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        for row in calib:
+            model(input_ids=row.unsqueeze(0), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return H
+
+
+def stored_bytes(enc, spec: WeightSpec, rows: int, cols: int) -> int:
+    if spec.in_family:
+        return int(format_of(spec).nbytes(enc))
+    return int(weight_storage(rows, cols, spec).total)
+
+
+def measure(model: nn.Module, config: QuantConfig, calib: torch.Tensor, candidates: tuple[str, ...],
+            progress=None) -> dict[str, list[tuple[str, float, int]]]:
+    """layer -> [(candidate, output error, bytes)] for every decoder Linear."""
+    if calib is None:
+        raise LowbitError("bit allocation measures each layer on calibration data; give calibration windows")
+    linears = _targets(model, config)
+    if not linears:
+        raise LowbitError("bit allocation found no decoder Linear to quantize")
+    H = input_hessians(model, linears, calib)
+    table: dict[str, list[tuple[str, float, int]]] = {}
+    items = list(linears.items())
+    for name, mod in progress(items) if progress else items:
+        W = mod.weight.detach().float()
+        Hn = H[name].float()
+        base = config.weight_spec_for(name)
+        rows = []
+        for cand in candidates:
+            spec = dataclasses.replace(base, **candidate_fields(cand))
+            try:
+                enc = round_to_nearest(W, spec, name)
+            except LowbitError as e:
+                if "multiple of" in str(e) or "divide" in str(e) or "larger than" in str(e):
+                    continue  # this format does not fit the layer's width (a GGML block): not a candidate here
+                raise
+            D = W - enc.dequantize()
+            err = float(((D @ Hn) * D).sum())
+            rows.append((cand, max(err, 0.0), stored_bytes(enc, spec, *W.shape)))
+        if not rows:
+            raise LowbitError(f"layer {name}: none of the candidate formats ({', '.join(candidates)}) fits its width {W.shape[1]}")
+        table[name] = rows
+    return table
+
+
+def solve(table: dict[str, list[tuple[str, float, int]]], budget_bytes: float, units: int = 50_000) -> dict[str, int]:
+    """layer -> index of its candidate: least total error with total bytes <= budget.
+
+    A multiple-choice knapsack solved exactly by dynamic programming over bytes counted in
+    units of (largest total / ``units``), each candidate's bytes rounded up to whole units
+    so the plan always fits; the exact bytes that rounding leaves unused are then spent
+    greedily on the upgrades that save the most error per byte."""
+    import numpy as np
+
+    names = list(table)
+    smallest = sum(min(b for _, _, b in table[n]) for n in names)
+    if smallest > budget_bytes:
+        raise LowbitError(f"the budget ({budget_bytes:,.0f} bytes) is below the smallest candidates' total ({smallest:,} bytes)")
+    largest = sum(max(b for _, _, b in table[n]) for n in names)
+    unit = max(1, -(-largest // units))
+    cap = int(min(budget_bytes, largest) // unit)
+    inf = float("inf")
+    best = np.zeros(cap + 1)  # least error of the layers so far within each number of units
+    picks = []
+    for n in names:
+        nxt = np.full(cap + 1, inf)
+        arg = np.full(cap + 1, -1, dtype=np.int16)
+        for i, (_, e, b) in enumerate(table[n]):
+            c = -(-b // unit)
+            if c > cap:
+                continue
+            cand = np.full(cap + 1, inf)
+            cand[c:] = best[: cap + 1 - c] + e
+            better = cand < nxt
+            nxt[better], arg[better] = cand[better], i
+        best = nxt
+        picks.append(arg)
+    u = int(np.argmin(best))
+    if not np.isfinite(best[u]):  # rounding up to units made the budget infeasible: the smallest candidates
+        choice = {n: min(range(len(table[n])), key=lambda i: table[n][i][2]) for n in names}
+    else:
+        choice = {}
+        for n, arg in zip(reversed(names), reversed(picks)):
+            i = int(arg[u])
+            choice[n] = i
+            u -= -(-table[n][i][2] // unit)
+    left = budget_bytes - sum(table[n][i][2] for n, i in choice.items())
+    while True:
+        top = None
+        for n, i in choice.items():
+            e0, b0 = table[n][i][1], table[n][i][2]
+            for j, (_, e, b) in enumerate(table[n]):
+                if e < e0 and b - b0 <= left:
+                    gain = (e0 - e) / max(b - b0, 1)
+                    if top is None or gain > top[0]:
+                        top = (gain, n, j, b - b0)
+        if top is None:
+            return choice
+        _, n, j, db = top
+        choice[n] = j
+        left -= db
+
+
+def allocate(model: nn.Module, config: QuantConfig, calib: torch.Tensor, budget: Budget, progress=None) -> Allocation:
+    """``config`` with one format per decoder Linear chosen for ``budget`` (see module doc)."""
+    table = measure(model, config, calib, budget.candidates, progress)
+    n_weights = {n: m.weight.numel() for n, m in _targets(model, config).items()}
+    weights = sum(n_weights.values())
+    cap = budget.bytes if budget.bytes is not None else budget.bpw * weights / 8
+    choice = solve(table, cap)
+    from ..config import _match
+
+    # exact names first (the first matching pattern wins), the user's own fields kept under the choice
+    overrides = {n: {**next((f for p, f in config.overrides.items() if _match(p, n)), {}), **candidate_fields(table[n][i][0])}
+                 for n, i in choice.items()}
+    overrides.update({p: f for p, f in config.overrides.items() if p not in overrides})
+    new = dataclasses.replace(config, overrides=overrides)
+    return Allocation(
+        config=new,
+        choices={n: table[n][i][0] for n, i in choice.items()},
+        predicted={n: table[n][i][1] for n, i in choice.items()},
+        bytes=sum(table[n][i][2] for n, i in choice.items()),
+        weights=weights,
+        table=table,
+    )
