@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.algorithms.allocate import Budget, input_hessians, measure, solve
+from lowbit.algorithms.allocate import Budget, input_hessians, measure
+from lowbit.formats.budget import solve
 from lowbit.algorithms.base import method_config
 from lowbit.errors import LowbitError
 from lowbit.formats.names import round_to_nearest

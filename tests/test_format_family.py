@@ -297,6 +297,31 @@ def test_mixed_widths_follow_salience_and_are_stored_at_their_width():
     assert fmt.bits_per_weight(enc) == pytest.approx(2 + 8 * (2 + 1) / 64 + 8 * 4 / (8 * 256))
 
 
+def test_mixed_widths_keep_the_budget_per_weight_with_the_least_error():
+    """alloc=error: sum(width · columns) stays within target · columns also when the last
+    group is narrower (576 = 4 x 128 + 64), and the salience-weighted error is never above
+    the paper's share rule at the same budget; the clipping search only lowers it."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(16, 576, generator=g) * 0.05
+    w[:, 130:140] *= 8
+    imp = torch.rand(576, generator=g) + 0.5
+    for target in (2.0, 2.5):
+        fmt = make_format("mixed", group_size=128, target=target)
+        enc = quantize_matrix(fmt, w, importance=imp)
+        bits = fmt.pack(enc)["group_bits"].float()
+        cols = torch.tensor([128, 128, 128, 128, 64.0])
+        assert float((bits * cols).sum()) <= target * 576
+    def werr(f, x=w):
+        i = imp[: x.shape[1]]
+        d = quantize_matrix(f, x, importance=i).dequantize() - x
+        return float((d.pow(2) * i).sum())
+    w4 = w[:, :512]  # four equal groups: the share rule (one up, one down) also averages 2 bits
+    assert werr(make_format("mixed", group_size=128), w4) <= werr(make_format("mixed", group_size=128, alloc="share"), w4) + 1e-9
+    assert werr(make_format("mixed", group_size=128)) <= werr(make_format("mixed", group_size=128, clip_search=False)) + 1e-9
+    with pytest.raises(LowbitError, match="target"):
+        make_format("mixed", target=3.5)
+
+
 def test_outliers_on_any_format_exact_and_accounted():
     from lowbit.formats.outliers import WithOutliers
 

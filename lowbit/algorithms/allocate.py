@@ -32,6 +32,7 @@ from torch import nn
 
 from ..config import QuantConfig, WeightSpec
 from ..errors import LowbitError
+from ..formats.budget import solve
 from ..formats.memory import weight_storage
 from ..formats.names import check_format_name, format_of, round_to_nearest
 from ..models.arch import block_linears, decoder_layers
@@ -165,64 +166,6 @@ def measure(model: nn.Module, config: QuantConfig, calib: torch.Tensor, candidat
             raise LowbitError(f"layer {name}: none of the candidate formats ({', '.join(candidates)}) fits its width {W.shape[1]}")
         table[name] = rows
     return table
-
-
-def solve(table: dict[str, list[tuple[str, float, int]]], budget_bytes: float, units: int = 50_000) -> dict[str, int]:
-    """layer -> index of its candidate: least total error with total bytes <= budget.
-
-    A multiple-choice knapsack solved exactly by dynamic programming over bytes counted in
-    units of (largest total / ``units``), each candidate's bytes rounded up to whole units
-    so the plan always fits; the exact bytes that rounding leaves unused are then spent
-    greedily on the upgrades that save the most error per byte."""
-    import numpy as np
-
-    names = list(table)
-    smallest = sum(min(b for _, _, b in table[n]) for n in names)
-    if smallest > budget_bytes:
-        raise LowbitError(f"the budget ({budget_bytes:,.0f} bytes) is below the smallest candidates' total ({smallest:,} bytes)")
-    largest = sum(max(b for _, _, b in table[n]) for n in names)
-    unit = max(1, -(-largest // units))
-    cap = int(min(budget_bytes, largest) // unit)
-    inf = float("inf")
-    best = np.zeros(cap + 1)  # least error of the layers so far within each number of units
-    picks = []
-    for n in names:
-        nxt = np.full(cap + 1, inf)
-        arg = np.full(cap + 1, -1, dtype=np.int16)
-        for i, (_, e, b) in enumerate(table[n]):
-            c = -(-b // unit)
-            if c > cap:
-                continue
-            cand = np.full(cap + 1, inf)
-            cand[c:] = best[: cap + 1 - c] + e
-            better = cand < nxt
-            nxt[better], arg[better] = cand[better], i
-        best = nxt
-        picks.append(arg)
-    u = int(np.argmin(best))
-    if not np.isfinite(best[u]):  # rounding up to units made the budget infeasible: the smallest candidates
-        choice = {n: min(range(len(table[n])), key=lambda i: table[n][i][2]) for n in names}
-    else:
-        choice = {}
-        for n, arg in zip(reversed(names), reversed(picks)):
-            i = int(arg[u])
-            choice[n] = i
-            u -= -(-table[n][i][2] // unit)
-    left = budget_bytes - sum(table[n][i][2] for n, i in choice.items())
-    while True:
-        top = None
-        for n, i in choice.items():
-            e0, b0 = table[n][i][1], table[n][i][2]
-            for j, (_, e, b) in enumerate(table[n]):
-                if e < e0 and b - b0 <= left:
-                    gain = (e0 - e) / max(b - b0, 1)
-                    if top is None or gain > top[0]:
-                        top = (gain, n, j, b - b0)
-        if top is None:
-            return choice
-        _, n, j, db = top
-        choice[n] = j
-        left -= db
 
 
 def allocate(model: nn.Module, config: QuantConfig, calib: torch.Tensor, budget: Budget, progress=None) -> Allocation:
