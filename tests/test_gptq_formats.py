@@ -90,3 +90,18 @@ def test_gptq_with_outliers(kind, kw):
     assert e_out < e_plain and e_out < e_rtn_out, (e_out, e_plain, e_rtn_out)
     back = ow.fmt.unpack(ow.fmt.pack(ow), *W.shape, ow.g_idx)
     assert torch.equal(back.dequantize(), deq)
+
+
+def test_slim_llm_is_gptq_on_mixed_widths(tiny_dir):
+    import lowbit
+    from lowbit.algorithms.base import method_config
+    from lowbit.nn.qlinear import QuantLinear
+    from tests.test_runner import calib
+
+    model, tok, _ = lowbit.load(str(tiny_dir))
+    report = lowbit.quantize(model, method_config("slim-llm", weight={"group_size": 32}, calib_precision="fp32"), calib(len(tok)), progress=False)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.fmt.kind == "mixed" for m in layers)
+    rows = [r for r in report.layers if "output_rel_error" in r]
+    assert sum(r["output_rel_error"] < r["rtn_output_rel_error"] for r in rows) >= 0.8 * len(rows)
+    assert report.storage["bits_per_weight"] < 2 + 16 / 32 + 8 / 32 + 0.1  # 2-bit codes on average, scales, zeros
