@@ -76,16 +76,14 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="rows: rtn1, gptq-w2, billm-block, billm-column, billm-int8, reference")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import smollm2_setup
 
     import lowbit
     from lowbit.algorithms.base import method_config
-    from lowbit.calibration.data import Protocol
 
-    protocol = Protocol()
-    model, tok, info = lowbit.load("smollm2-135m")
-    evals, calib = lowbit.prepare_windows(tok, protocol)
-    ref, base = lowbit.reference_for(model, info["source"]["fingerprint"], evals, protocol, progress=False)
+    s = smollm2_setup(args.threads)
+    model, protocol, evals, calib, ref, base = s.model, s.protocol, s.evals, s.calib, s.ref, s.base
     settings = {
         "rtn1": ("RTN 1-bit: sign(w)·mean|w| per row", method_config("rtn", weight={"format": "bcq1", "group_size": None})),
         "gptq-w2": ("GPTQ W2 g64 asym", method_config("gptq", weight={"bits": 2, "group_size": 64, "symmetric": False})),

@@ -262,15 +262,11 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="forget earlier rows")
     ap.add_argument("--markdown", action="store_true", help="write BENCHMARKS.md and docs/formats-smollm2.png")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import smollm2_setup
 
-    import lowbit
-    from lowbit.calibration.data import Protocol
-
-    protocol = Protocol()
-    model, tok, info = lowbit.load("smollm2-135m")
-    evals, calib = lowbit.prepare_windows(tok, protocol)
-    ref, base = lowbit.reference_for(model, info["source"]["fingerprint"], evals, protocol, progress=False)
+    s = smollm2_setup(args.threads)
+    model, protocol, evals, calib, ref, base = s.model, s.protocol, s.evals, s.calib, s.ref, s.base
     result = load_results(args.fresh)
     commit = code_version()
     result["meta"] = {
