@@ -18,7 +18,7 @@ from lowbit.nn.qlinear import QuantLinear
 from tests.test_runner import calib
 
 DATA = Path(__file__).parent / "data"
-FORMATS = ["nf4", "nf4-dq", "fp4", "bcq3", "bcq2-offset", "ternary", "ternary-tq1", "codebook3", "codebook3-col", "mixed123", "billm", "billm-int8", "bitnet", "bitnet158", "Q4_0", "Q8_0", "Q5_1"]
+FORMATS = ["nf4", "nf4-dq", "fp4", "bcq3", "bcq2-offset", "ternary", "ternary-tq1", "codebook3", "codebook3-col", "mixed123", "billm", "billm-int8", "claq2.1", "claq3.1-or", "bitnet", "bitnet158", "Q4_0", "Q8_0", "Q5_1"]
 
 
 def _layers(model):

@@ -33,6 +33,7 @@ FORMATS = [
     ("codebook-col", {"bits": 3}),
     ("mixed", {}),
     ("mixed", {"choices": (2, 3, 4), "group_size": 32}),
+    ("claq", {"bits": 2, "high": 4, "share_high": 0.1}),
     ("bitnet", {}),
     ("bitnet", {"ternary": True}),
     ("billm", {}),

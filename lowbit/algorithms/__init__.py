@@ -7,7 +7,7 @@ import importlib
 
 from .base import REGISTRY, Algorithm, algorithm_class, describe_options, make_algorithm, method_config, register
 
-_MODULES = ("rtn", "gptq", "awq", "smoothquant", "llm_int8", "zeroquant", "qllm", "rotate", "billm", "slim")
+_MODULES = ("rtn", "gptq", "awq", "smoothquant", "llm_int8", "zeroquant", "qllm", "rotate", "billm", "slim", "claq")
 
 
 def load_all() -> None:

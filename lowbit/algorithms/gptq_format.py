@@ -58,7 +58,7 @@ def gptq_format(
     it keeps its error-updated value in float16, so it feeds (almost) no error forward."""
     if getattr(fmt, "column_params", False):
         raise LowbitError(f"layer {name}: GPTQ cannot round in {fmt.describe()} column by column (its code depends on the column's "
-                          "place in its block); use its own method (--method billm)")
+                          f"place in its block or a whole-matrix plan); use its own method (--method {getattr(fmt, 'method', '?')})")
     W = W.detach().float().clone()
     n_rows, n = W.shape
     if H.shape != (n, n):

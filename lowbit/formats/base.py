@@ -42,7 +42,7 @@ def register(cls: type[WeightFormat]) -> type[WeightFormat]:
 
 
 def load_all() -> None:
-    from . import affine, bcq, billm, bitnet, codebook, ggml, mixed, normal_float, ternary  # noqa: F401  (importing registers them)
+    from . import affine, bcq, billm, bitnet, claq, codebook, ggml, mixed, normal_float, ternary  # noqa: F401  (importing registers them)
 
 
 def make_format(kind: str, **fields: Any) -> WeightFormat:

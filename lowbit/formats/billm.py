@@ -75,6 +75,7 @@ class BiLLMFormat(WeightFormat):
     kind = "billm"
     shares_rows: ClassVar[bool] = True  # the salient columns are one choice for all rows of a matrix
     column_params: ClassVar[bool] = True  # encode needs each column's place in its block (GPTQ's loop does not give it)
+    method: ClassVar[str] = "billm"
 
     group_size: int | None = 128
     scale_dtype: str = "float16"  # or "int8": the eight numbers per row and block as int8 codes

@@ -9,6 +9,8 @@
     codebook1-col .. codebook8-col  2^k centroids per input column, shared by all rows (CLAQ)
     bitnet, bitnet158    BitNet's 1-bit sign(W - mean W)·mean|W| and BitNet b1.58's absmean ternary, one
                          scale per matrix as the papers define them (the group size is ignored)
+    claq2 .. claq4[-or]  CLAQ: per-column k-means codebooks, fractional widths by outlier count
+                         (claq2.1: 5% of columns at 4 bits, the rest 2; claq3.1), -or: float16 outliers
     billm, billm-int8    BiLLM's binarization per block of group_size columns (salient columns with two
                          binary bases, the rest split at a break point); -int8: its scales as int8
     mixed123             per-group widths 1/2/3 bits by salience (SliM-LLM), the digits the choices
@@ -33,11 +35,19 @@ _PATTERNS = (
     (r"codebook([1-8])", lambda m, gs, sd: make_format("codebook", bits=int(m[1]), group_size=gs, scale_dtype=sd)),
     (r"codebook([1-8])-col", lambda m, gs, sd: make_format("codebook-col", bits=int(m[1]), group_size=1, scale_dtype=sd)),
     (r"bitnet(158)?", lambda m, gs, sd: make_format("bitnet", ternary=bool(m[1]))),
+    (r"claq([234](?:\.\d+)?)(-or)?", lambda m, gs, sd: _claq(m)),
     (r"billm(-int8)?", lambda m, gs, sd: make_format("billm", group_size=gs, scale_dtype="int8" if m[1] else sd)),
     (r"mixed([1-8]{2,3})", lambda m, gs, sd: make_format("mixed", choices=tuple(sorted({int(c) for c in m[1]})), group_size=gs)),
 )
 _GGML = r"(Q4_0|Q4_1|Q5_0|Q5_1|Q8_0|Q2_K|Q3_K|Q4_K|Q5_K|Q6_K)"
-NAMES = "int, Q4_0..Q8_0 / Q2_K..Q6_K (GGML types), Q4_K_M etc. (llama.cpp mixtures), nf4, nf4-dq, fp4, fp4-dq, bcq1..bcq4[-offset], ternary, ternary-tq1, codebook1..codebook8[-col], billm[-int8], bitnet, bitnet158, mixed123 (per-group widths)"
+NAMES = "int, Q4_0..Q8_0 / Q2_K..Q6_K (GGML types), Q4_K_M etc. (llama.cpp mixtures), nf4, nf4-dq, fp4, fp4-dq, bcq1..bcq4[-offset], ternary, ternary-tq1, codebook1..codebook8[-col], billm[-int8], claq2.1 etc. [-or], bitnet, bitnet158, mixed123 (per-group widths)"
+
+
+def _claq(m) -> WeightFormat:
+    from .claq import claq_setting
+
+    bits, high, share = claq_setting(float(m[1]))
+    return make_format("claq", bits=bits, high=high, share_high=share, reserve=bool(m[2]))
 
 
 def canonical(name: str) -> str:
