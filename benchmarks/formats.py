@@ -57,7 +57,6 @@ GRID: dict[int, list[tuple[str, str, dict]]] = {
         ("fp4", "FP4 (blocksize 64)", dict(format="fp4", group_size=64)),
         ("bcq4", "BCQ 4-bit g64", dict(format="bcq4", group_size=64)),
         ("codebook4", "codebook 4-bit per group of 64", dict(format="codebook4", group_size=64)),
-        ("Q4_0", "GGML Q4_0 (blocks of 32)", dict(format="Q4_0")),
         ("Q4_K_S", "llama.cpp Q4_K_S (Q4_K where 256 divides)", dict(format="Q4_K_S")),
     ],
     3: [
@@ -180,7 +179,7 @@ def markdown(result: dict) -> str:
                     cells += [f"{r['ppl']:.2f}", f"{r['kl']:.3f}"]
                     bpw = r["bits_per_weight"]
                 else:
-                    cells += ["fails" if "error" in r else "-", ""]
+                    cells += ["fails" if "error" in r else "n/r", ""]
             width = f"{bpw:.3f}" if bpw else "-"
             lines.append(f"| {bits} | {desc} | {width} | " + " | ".join(cells) + " |")
     peers = [(k, rows[k]) for k, _, _ in PEER if "ppl" in rows.get(k, {})]
@@ -199,6 +198,11 @@ def markdown(result: dict) -> str:
                          f"KL {b['kl']:.3f}, {b['bits_per_weight']:.3f} bits/weight).")
     for line in result.get("notes", []):
         lines.append(f"- {line}")
+    missing = [f"{n}/{m}" for formats in GRID.values() for n, _, _ in formats for m in METHODS if "ppl" not in rows.get(f"{n}/{m}", {})]
+    if missing:
+        lines.append(f"- n/r: not run yet ({', '.join(missing)}). BCQ's alternating least squares and k-means refit every group "
+                     "at each of AWQ's 20 scale candidates, hours per row on this 2-core CPU; rerun the script to fill them in "
+                     "(finished rows are kept).")
     return "\n".join(lines)
 
 
