@@ -109,16 +109,17 @@ def atomic_path(final: str | os.PathLike, is_dir: bool = False) -> Iterator[Path
     error (read-only or full disk, a parent that is a file) becomes a LowbitError naming
     ``final``."""
     final = Path(final)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}-", suffix=".tmp", dir=final.parent))
-        umask = _umask()
-        os.chmod(tmp, 0o777 & ~umask)
-    except OSError as e:
-        raise LowbitError(f"cannot write {final}: {e.strerror or e}") from None
-    target = tmp if is_dir else tmp / final.name
-    try:
+    tmp = None
+    try:  # an interrupt from here on (even before the block starts) removes the temporary
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale(final)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}-", suffix=".tmp", dir=final.parent))
+            umask = _umask()
+            os.chmod(tmp, 0o777 & ~umask)
+        except OSError as e:
+            raise LowbitError(f"cannot write {final}: {e.strerror or e}") from None
+        target = tmp if is_dir else tmp / final.name
         try:
             yield target
             if target.exists():
@@ -136,7 +137,8 @@ def atomic_path(final: str | os.PathLike, is_dir: bool = False) -> Iterator[Path
                 raise  # not about the output (e.g. an input file the block reads)
             raise LowbitError(f"cannot write {final}: {e.strerror or e}") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
