@@ -153,7 +153,9 @@ def save_results(result: dict) -> None:
 
 
 def best(rows: dict, bits: int) -> dict | None:
-    mine = [r for r in rows.values() if r.get("bits") == bits and "ppl" in r and not r["key"].startswith("bnb")]
+    # same size class only: llama.cpp's file types fall back to wider types on 576-wide rows
+    mine = [r for r in rows.values() if r.get("bits") == bits and "ppl" in r and not r["key"].startswith("bnb")
+            and r["bits_per_weight"] < bits + 0.75]
     return min(mine, key=lambda r: r["ppl"]) if mine else None
 
 
@@ -162,7 +164,9 @@ def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [
         f"smollm2-135m, decoder Linears only (embeddings and LM head float32), protocol {meta['protocol']}; "
-        f"`{meta['command']}` at commit {meta['commit']}, {meta['machine']}, {meta['threads']} threads, {meta['date']}. "
+        f"`{meta['command']}`, {meta['machine']}, {meta['date']}; rows from runs at commits "
+        f"{', '.join(sorted({r.get('commit', '?') for r in rows.values() if 'ppl' in r and r.get('commit')}))} (each row records its own; "
+        "the bitsandbytes rows ran beside the first ones; perplexity does not depend on the thread count). "
         f"float32 perplexity {meta['fp32_ppl']:.2f}. Each method with its default settings; bits/weight are the exact "
         "stored bits of the quantized Linears (codes, scales, tables, bitmaps), the same for every method on a format "
         "(AWQ folds its scales into the preceding norms). KL in nats against float32.",
@@ -194,8 +198,9 @@ def markdown(result: dict) -> str:
     for bits in GRID:
         b = best(rows, bits)
         if b:
-            lines.append(f"- **{bits} bits**: best is {b['desc']} with {b['method'].upper()} (perplexity {b['ppl']:.2f}, "
-                         f"KL {b['kl']:.3f}, {b['bits_per_weight']:.3f} bits/weight).")
+            lines.append(f"- **{bits} bits** (rows under {bits + 0.75:g} bits/weight, of those measured): best is {b['desc']} with "
+                         f"{b['method'].upper()} (perplexity {b['ppl']:.2f}, KL {b['kl']:.3f}, {b['bits_per_weight']:.3f} bits/weight). "
+                         "The llama.cpp file types sit above that because SmolLM2's 576-wide layers fall back to wider types.")
     for line in result.get("notes", []):
         lines.append(f"- {line}")
     missing = [f"{n}/{m}" for formats in GRID.values() for n, _, _ in formats for m in METHODS if "ppl" not in rows.get(f"{n}/{m}", {})]
@@ -239,13 +244,18 @@ def plot(result: dict) -> None:
         if "ppl" not in r:
             continue
         m = "bnb" if r["key"].startswith("bnb") else r["method"]
-        ax.scatter(r["bits_per_weight"], r["ppl"], marker=marks[m], color=f"C{r['bits']}" if m != "bnb" else "k", s=36)
+        ax.scatter(r["bits_per_weight"], r["ppl"], marker=marks[m], color=f"C{r['bits']}" if m != "bnb" else "k", s=60 if m == "bnb" else 36,
+                   zorder=3 if m == "bnb" else 2)
         if m == "gptq" or m == "bnb":
             ax.annotate(r["name"], (r["bits_per_weight"], r["ppl"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
     for m, mk in marks.items():
         ax.scatter([], [], marker=mk, color="gray", label=m.upper() if m != "bnb" else "bitsandbytes")
     ax.axhline(result["meta"]["fp32_ppl"], color="gray", ls=":", lw=1, label="float32")
     ax.set_yscale("log")
+    off = sum(1 for r in result["rows"].values() if r.get("ppl", 0) > 150)
+    ax.set_ylim(20, 150)  # the 2-bit rows (perplexity in the thousands and up) are in the table
+    if off:
+        ax.text(0.01, 0.98, f"{off} rows above 150 not drawn (see the table)", transform=ax.transAxes, va="top", fontsize=8)
     ax.set_xlabel("exact bits per weight (decoder Linears)")
     ax.set_ylabel("perplexity (log scale)")
     ax.set_title("smollm2-135m: every format x {RTN, GPTQ, AWQ} (colour: nominal bits)")
