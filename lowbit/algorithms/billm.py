@@ -24,13 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import WeightSpec
 from ..errors import LowbitError
 from ..formats.base import Encoded, check_weight
 from ..formats.billm import BiLLMFormat
-from ..formats.names import format_of
-from .base import Algorithm, option, register
-from .gptq import Hessian, inverse_hessian_cholesky, output_errors, single_thread
+from .base import option, register
+from .gptq import FormatSolver, inverse_hessian_cholesky, output_errors, single_thread
 
 
 def billm_quantize(W: torch.Tensor, H: torch.Tensor, fmt: BiLLMFormat, damp_percent: float = 0.01,
@@ -90,29 +88,21 @@ class BiLLMOptions:
 
 
 @register
-class BiLLM(Algorithm):
+class BiLLM(FormatSolver):
     name = "billm"
     summary = "BiLLM: 1-bit post-training binarization (salient columns by residual binarization, the rest split at a break point), GPTQ error feedback"
     Options = BiLLMOptions
     default_weight = {"format": "billm", "group_size": 128}
     defaults_source = "blocks of 128 columns, Hessian salience, up to 49 salient columns, 81 break points, damping 0.01: the reference code's (Aaronhuang-778/BiLLM) run.sh"
 
+    label, format_class = "BiLLM", BiLLMFormat
+    format_hint = "binarizes into the billm format, not {} (use --format billm or billm-int8)"
+
     def __init__(self, config):
         super().__init__(config)
         self._extra: dict[int, tuple] = {}
 
-    def uses_calibration(self) -> bool:
-        return True
-
-    def new_stats(self, name: str, module: nn.Module) -> Hessian:
-        return Hessian(module.in_features)
-
-    def solve(self, name: str, module: nn.Module, spec: WeightSpec, stats: Any):
-        if stats is None or stats.n == 0:
-            raise LowbitError(f"layer {name}: BiLLM needs calibration inputs, and this layer saw none")
-        fmt = format_of(spec)
-        if not isinstance(fmt, BiLLMFormat):
-            raise LowbitError(f"layer {name}: BiLLM binarizes into the billm format, not {spec.describe()} (use --format billm or billm-int8)")
+    def solve_format(self, name: str, module: nn.Module, fmt, stats: Any):
         enc, damp = billm_quantize(module.weight, stats.H, fmt, self.options.damp_percent, self.options.feedback, name)
         self._extra[id(module)] = damp
         return enc

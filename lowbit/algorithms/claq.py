@@ -17,13 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import WeightSpec
 from ..errors import LowbitError
 from ..formats.base import Encoded, check_weight
 from ..formats.claq import CLAQ, column_plan, reserved
-from ..formats.names import format_of
-from .base import Algorithm, option, register
-from .gptq import Hessian, inverse_hessian_cholesky, output_errors, single_thread
+from .base import option, register
+from .gptq import FormatSolver, inverse_hessian_cholesky, output_errors, single_thread
 
 
 def claq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: CLAQ, damp_percent: float = 0.01, act_order: bool = True,
@@ -79,25 +77,17 @@ class CLAQOptions:
 
 
 @register
-class CLAQMethod(Algorithm):
+class CLAQMethod(FormatSolver):
     name = "claq"
     summary = "CLAQ: GPTQ with per-column k-means codebooks, outlier-guided widths per column, float16 outliers kept"
     Options = CLAQOptions
     default_weight = {"format": "claq2.1", "group_size": 1}
     defaults_source = "2.1 bits (5% of columns at 4 bits by outlier count, t = 13), act-order, damping 0.01: the reference code's (fayuge/CLAQ) --outlierorder 2.1; claq2.05-or adds its dynamic outlier reservation"
 
-    def uses_calibration(self) -> bool:
-        return True
+    label, format_class = "CLAQ", CLAQ
+    format_hint = "quantizes into the claq format, not {} (use --format claq2.1, claq3.1, ...)"
 
-    def new_stats(self, name: str, module: nn.Module) -> Hessian:
-        return Hessian(module.in_features)
-
-    def solve(self, name: str, module: nn.Module, spec: WeightSpec, stats: Any):
-        if stats is None or stats.n == 0:
-            raise LowbitError(f"layer {name}: CLAQ needs calibration inputs, and this layer saw none")
-        fmt = format_of(spec)
-        if not isinstance(fmt, CLAQ):
-            raise LowbitError(f"layer {name}: CLAQ quantizes into the claq format, not {spec.describe()} (use --format claq2.1, claq3.1, ...)")
+    def solve_format(self, name: str, module: nn.Module, fmt, stats: Any):
         return claq_quantize(module.weight, stats.H, fmt, self.options.damp_percent, self.options.act_order, name=name)
 
     def layer_record(self, name: str, module: nn.Module, qweight, stats: Any) -> dict:

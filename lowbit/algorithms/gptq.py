@@ -28,7 +28,7 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -252,6 +252,34 @@ class GPTQOptions:
             raise LowbitError(f"damp_percent must be in (0, 1), got {self.damp_percent}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise LowbitError(f"block_size must be a positive integer, got {self.block_size}")
+
+
+class FormatSolver(Algorithm):
+    """A method with its own Hessian-driven solve on a format of its own (BiLLM, CLAQ):
+    collects H per layer, checks the layer's format, hands both to ``solve_format``."""
+
+    label: ClassVar[str] = ""  # the method's name in messages
+    format_class: ClassVar[type] = object
+    format_hint: ClassVar[str] = ""  # e.g. "binarizes into the billm format ... (use --format billm)"
+
+    def uses_calibration(self) -> bool:
+        return True
+
+    def new_stats(self, name: str, module: nn.Module) -> Hessian:
+        return Hessian(module.in_features)
+
+    def solve(self, name: str, module: nn.Module, spec: WeightSpec, stats: Any):
+        from ..formats.names import format_of
+
+        if stats is None or stats.n == 0:
+            raise LowbitError(f"layer {name}: {self.label} needs calibration inputs, and this layer saw none")
+        fmt = format_of(spec)
+        if not isinstance(fmt, self.format_class):
+            raise LowbitError(f"layer {name}: {self.label} {self.format_hint.format(spec.describe())}")
+        return self.solve_format(name, module, fmt, stats)
+
+    def solve_format(self, name: str, module: nn.Module, fmt, stats: Any):
+        raise NotImplementedError
 
 
 @register
