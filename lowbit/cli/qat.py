@@ -57,11 +57,12 @@ def qat(
     bits, fmt = parse_weight_format(weight_format, None)
     bitnet = fmt in ("bitnet", "bitnet158")
     if scales is None:
-        from ..formats.names import format_of
         from ..config import WeightSpec
+        from ..formats.names import format_of
+        from ..nn.fake_quant import learnable_reason
 
         probe = format_of(WeightSpec(format=fmt or "int", bits=bits or 4, group_size=64))
-        scales = "fixed" if getattr(probe, "shares_rows", False) or getattr(probe, "double_quant", False) or getattr(probe, "static_params", False) else "learned"
+        scales = "learned" if learnable_reason(probe) is None else "fixed"  # the layers' own rule, once
     if act_bits is None:
         act_bits = 8 if bitnet else 0
     act = False if act_bits == 0 else {"bits": act_bits, "symmetric": (not act_asym) if act_asym is not None else bitnet, "granularity": "token"}

@@ -111,7 +111,7 @@ class FakeQuantLinear(nn.Module):
     def final_encoded(self) -> Encoded:
         w = self.weight.detach()
         if self.scales == "fixed":
-            return quantize_matrix(self.fmt, w, self.name) if self.spec.in_family else _as_encoded(round_to_nearest(w, self.spec, self.name), self.fmt)
+            return quantize_matrix(self.fmt, w, self.name)  # the affine grid too: AffineInt is today's integer RTN
         m = self.mult.detach().clamp(min=1e-8)
         params = {}
         for k, v in self.p0.items():
@@ -135,6 +135,3 @@ class FakeQuantLinear(nn.Module):
         qw = QuantizedWeight(enc.codes, enc.params["scale"], zero, enc.g_idx, self.fmt.grid, self.spec.group_size)
         return QuantLinear.from_linear(lin, qw, self.spec, self.act)
 
-
-def _as_encoded(qw: QuantizedWeight, fmt) -> Encoded:
-    return Encoded(fmt, qw.codes, {"scale": qw.scale, "zero": qw.zero_points()}, qw.g_idx)
