@@ -120,6 +120,38 @@ def test_quantize_then_export_writes_the_quantized_codes(kdir, tmp_path, excerpt
         export_checkpoint_gguf(again, tok2, info2["checkpoint"], tmp_path / "c.gguf", "Q6_K")
 
 
+def test_a_budget_mixture_of_ggml_types_exports_with_its_own_types(kdir, tmp_path, excerpt):  # noqa: F811
+    """A bit budget over GGML candidates gives each Linear its own type; the checkpoint's
+    GGUF keeps every Linear's type and bytes, and the preset types only the rest."""
+    from lowbit.algorithms.allocate import Budget
+    from lowbit.export.gguf_quantize import export_checkpoint_gguf, stored_ggml
+    from lowbit.export.gguf_writer import hf_to_gguf_names, plan_types
+
+    model, tok, info = lowbit.load(str(kdir))
+    ids = torch.tensor(tok(excerpt[:30000])["input_ids"][: 8 * 64]).reshape(8, 64)
+    config = method_config("rtn", weight={"format": "Q4_K"}, calib_precision="fp32")
+    report = lowbit.quantize(model, config, ids, progress=False,
+                             budget=Budget(bpw=4.5, candidates=("Q3_K", "Q4_0", "Q5_K", "Q8_0")))
+    chosen = set(report.allocation["choices"].values())
+    assert len(chosen) >= 2, chosen  # a real mixture, not one type
+    assert report.allocation["bits_per_weight"] <= 4.5
+    ours = stored_ggml(model)
+    ckpt = lowbit.save(model, tok, tmp_path / "ckpt", report, source=info["source"])
+    again, tok2, info2 = lowbit.load(str(ckpt))
+    res, copied = export_checkpoint_gguf(again, tok2, info2["checkpoint"], tmp_path / "m.gguf", None, source=info2["source"])
+    assert copied
+    names = hf_to_gguf_names(model)
+    got = _tensors(tmp_path / "m.gguf")
+    for hf, (t, raw) in ours.items():
+        g = names[hf]
+        assert got[g][0] == t.name, g
+        if not g.endswith(("attn_q.weight", "attn_k.weight")):  # those rows are permuted for llama.cpp
+            assert got[g][1] == raw.tobytes(), g
+    preset = plan_types(model, "Q4_K_M", imatrix=False)
+    other = [hf for hf in preset if hf not in ours]
+    assert other and all(got[names[hf]][0] == preset[hf].name for hf in other)
+
+
 def test_rtn_with_an_imatrix_weighs_the_fit(kdir, excerpt):  # noqa: F811
     """Block 0's q_proj sees the float model's inputs (nothing upstream is quantized yet),
     so its bytes are the codec's with llama.cpp's imatrix of the float model."""

@@ -39,7 +39,9 @@ def export_gguf(
         typer.Argument(
             help="Embedded model name (smollm2-135m), a .gguf file, a Hugging Face folder, or a lowbit checkpoint "
             "folder. A checkpoint made with `lowbit quantize --format Q4_K_M` (any llama.cpp file type) is written with "
-            "exactly its codes; any other checkpoint is exported from its dequantized weights (its own number format is "
+            "exactly its codes, and so is one whose Linears hold llama.cpp types of its own (--format Q5_0, or the "
+            "per-layer mixture of a --target-bpw/--max-size budget with GGML --candidates); any other checkpoint is "
+            "exported from its dequantized weights (its own number format is "
             "not kept; activation quantization is dropped)."
         ),
     ],
@@ -49,7 +51,8 @@ def export_gguf(
         typer.Option(
             "--type",
             help=f"llama.cpp file type: per-tensor types chosen as llama-quantize does ({_TYPES}). Default: Q4_K_M, or "
-            "for a checkpoint quantized with --format <file type> that file type, its codes copied unchanged.",
+            "for a checkpoint quantized with --format <file type> that file type, its codes copied unchanged. For a "
+            "checkpoint whose Linears hold their own GGML types, this types only the other tensors (embeddings, output).",
         ),
     ] = None,
     imatrix: Annotated[

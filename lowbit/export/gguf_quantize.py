@@ -122,9 +122,11 @@ def quantize_to_gguf(model, tokenizer, out: str | Path, file_type: str, *, windo
 def export_checkpoint_gguf(model, tokenizer, meta: dict, out: str | Path, file_type: str | None, *, search: str = "weighted",
                            source: dict | None = None, progress=None):
     """A lowbit checkpoint as a GGUF file. One quantized to a file type's plan is written
-    with its own codes (file_type None or the same); any other is dequantized and
-    quantized again to ``file_type`` (default Q4_K_M). Returns (GGUFExport, whether the
-    codes were copied)."""
+    with its own codes (file_type None or the same). One whose Linears hold GGML types of
+    its own choosing (``--format Q5_0``, or a per-layer mixture from a bit budget) keeps
+    those codes and types, and ``file_type`` (default Q4_K_M) types only the other tensors.
+    Any other is dequantized and quantized again to ``file_type`` (default Q4_K_M).
+    Returns (GGUFExport, whether the codes were copied)."""
     from . import gguf_writer
 
     planned, importance = checkpoint_plan(meta)
@@ -132,7 +134,9 @@ def export_checkpoint_gguf(model, tokenizer, meta: dict, out: str | Path, file_t
         raise LowbitError(f"this checkpoint holds {planned} codes; exporting it as {file_type} would quantize them again (omit --type)")
     bar = progress or (lambda desc: None)
     ftype = planned or file_type or "Q4_K_M"
-    prequantized = stored_ggml(model) if planned else {}
+    prequantized = stored_ggml(model)
+    own = planned is None and bool(prequantized)
     result = gguf_writer.export_gguf(model, tokenizer, out, ftype, source=source, progress=bar(f"write {ftype}"),
-                                     prequantized=prequantized, search=search, plan_imatrix=importance if planned else None)
+                                     prequantized=prequantized, search=search,
+                                     plan_imatrix=importance if planned else (False if own else None), own_types=own)
     return result, bool(prequantized)

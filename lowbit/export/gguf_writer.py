@@ -398,6 +398,7 @@ def export_gguf(
     prequantized: dict | None = None,
     search: str = "weighted",
     plan_imatrix: bool | None = None,
+    own_types: bool = False,
 ) -> GGUFExport:
     """Write ``model`` to ``out`` as a GGUF file of preset ``type`` (Q4_K_M, Q8_0, F16, ...).
 
@@ -416,6 +417,9 @@ def export_gguf(
     must be the one the preset picks (``plan_types``), and rows are in Hugging Face order.
     plan_imatrix: whether the plan follows llama.cpp's rules for importance-weighted
     quantization (two rules differ); default: when an imatrix or prequantized tensors are given.
+    own_types: prequantized tensors keep their own GGML type (a per-layer mixture lowbit
+    chose, e.g. by a bit budget) and the preset only types the other tensors (embeddings,
+    output, norms); the file's general.file_type is still the preset's.
     """
     import gguf
 
@@ -449,6 +453,8 @@ def export_gguf(
         plan_imatrix = imatrix is not None or bool(prequantized)
     by_hf = plan_types(model, p.name, imatrix=plan_imatrix)
     types = {names[hf]: t for hf, t in by_hf.items()}
+    if own_types:
+        types.update({names[hf]: t for hf, (t, _) in prequantized.items()})
 
     def permute_rows(g: str, t: torch.Tensor) -> torch.Tensor:
         if spec.permute_qk and g.endswith(("attn_q.weight", "attn_q.bias")):
