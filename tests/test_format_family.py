@@ -321,6 +321,14 @@ def test_mixed_widths_keep_the_budget_per_weight_with_the_least_error():
     assert werr(make_format("mixed", group_size=128)) <= werr(make_format("mixed", group_size=128, clip_search=False)) + 1e-9
     with pytest.raises(LowbitError, match="target"):
         make_format("mixed", target=3.5)
+    # the name spells the target: mixed123@2.5 is the format above at 2.5 bits
+    from lowbit.config import WeightSpec
+    from lowbit.formats.names import format_of
+
+    assert format_of(WeightSpec(format="mixed123@2.5", group_size=128)) == make_format("mixed", group_size=128, target=2.5)
+    assert format_of(WeightSpec(format="mixed234", group_size=128)).target is None
+    with pytest.raises(LowbitError, match="target 3.5 outside"):
+        format_of(WeightSpec(format="mixed123@3.5", group_size=128))
 
 
 def test_outliers_on_any_format_exact_and_accounted():

@@ -13,7 +13,8 @@
                          (claq2.1: 5% of columns at 4 bits, the rest 2; claq3.1), -or: float16 outliers
     billm, billm-int8    BiLLM's binarization per block of group_size columns (salient columns with two
                          binary bases, the rest split at a break point); -int8: its scales as int8
-    mixed123             per-group widths 1/2/3 bits by salience (SliM-LLM), the digits the choices
+    mixed123             per-group widths 1/2/3 bits by salience (SliM-LLM), the digits the choices;
+                         mixed123@2.1: the codes' average set to 2.1 bits (default the middle choice)
     Q4_0 .. Q8_0, Q2_K .. Q6_K   a GGML block type (formats.ggml); the width must be a multiple of its block
     Q4_K_M, Q6_K, Q2_K, ...  a llama.cpp file type (what llama-quantize accepts): a GGML type per
                          tensor, chosen for the model by llama.cpp's rules, fallbacks for widths
@@ -37,10 +38,11 @@ _PATTERNS = (
     (r"bitnet(158)?", lambda m, gs, sd: make_format("bitnet", ternary=bool(m[1]))),
     (r"claq([234](?:\.\d+)?)(-or)?", lambda m, gs, sd: _claq(m)),
     (r"billm(-int8)?", lambda m, gs, sd: make_format("billm", group_size=gs, scale_dtype="int8" if m[1] else sd)),
-    (r"mixed([1-8]{2,3})", lambda m, gs, sd: make_format("mixed", choices=tuple(sorted({int(c) for c in m[1]})), group_size=gs)),
+    (r"mixed([1-8]{2,3})(?:@(\d+(?:\.\d+)?))?", lambda m, gs, sd: make_format(
+        "mixed", choices=tuple(sorted({int(c) for c in m[1]})), group_size=gs, target=float(m[2]) if m[2] else None)),
 )
 _GGML = r"(Q4_0|Q4_1|Q5_0|Q5_1|Q8_0|Q2_K|Q3_K|Q4_K|Q5_K|Q6_K)"
-NAMES = "int, Q4_0..Q8_0 / Q2_K..Q6_K (GGML types), Q4_K_M etc. (llama.cpp mixtures), nf4, nf4-dq, fp4, fp4-dq, bcq1..bcq4[-offset], ternary, ternary-tq1, codebook1..codebook8[-col], billm[-int8], claq2.1 etc. [-or], bitnet, bitnet158, mixed123 (per-group widths)"
+NAMES = "int, Q4_0..Q8_0 / Q2_K..Q6_K (GGML types), Q4_K_M etc. (llama.cpp mixtures), nf4, nf4-dq, fp4, fp4-dq, bcq1..bcq4[-offset], ternary, ternary-tq1, codebook1..codebook8[-col], billm[-int8], claq2.1 etc. [-or], bitnet, bitnet158, mixed123[@2.1] (per-group widths)"
 
 
 def _claq(m) -> WeightFormat:
