@@ -361,11 +361,11 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="row keys to run (NONE: run nothing, redraw)")
     ap.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
     ap.add_argument("--fresh", action="store_true", help="forget earlier rows")
-    ap.add_argument("--results", type=Path, default=RESULTS, help="rows file (default benchmarks/results/mixed.json)")
+    ap.add_argument("--results", type=Path, help="rows file (default benchmarks/results/mixed.json)")
     ap.add_argument("--markdown", action="store_true", help="write BENCHMARKS.md and docs/mixed-smollm2.png")
     args = ap.parse_args()
     global RESULTS
-    RESULTS = args.results
+    RESULTS = args.results or RESULTS
     from common import smollm2_setup
 
     s = smollm2_setup(args.threads)
