@@ -69,3 +69,13 @@ def test_hooks_follow_the_file_types(kdir, tmp_path, cache):  # noqa: F811
     np.testing.assert_array_equal(round_q8_k(x).numpy(), q8_k_reference(x.reshape(-1, x.shape[-1]).numpy()).reshape(x.shape))
     assert not torch.equal(plain, rounded)
     torch.testing.assert_close(plain, rounded, rtol=0, atol=0.1)  # a small perturbation
+
+
+def test_ternary_types_take_q8_k_activations():
+    """ggml multiplies TQ1_0/TQ2_0 weights by Q8_K activation blocks, as the k-quants."""
+    from lowbit.evaluation.llamacpp import _rounder
+
+    for t in ("TQ1_0", "TQ2_0", "Q4_K"):
+        assert _rounder(t, 512) is round_q8_k
+        assert _rounder(t, 576) is None  # no such tensor: 256-wide blocks
+    assert _rounder("Q4_0", 576) is not round_q8_k

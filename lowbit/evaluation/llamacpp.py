@@ -10,7 +10,7 @@ loaded from a GGUF file and rounds its input the way ggml does for that tensor's
 - Q4_0, Q5_0, Q8_0, IQ4_NL (vec_dot type Q8_0) and Q4_1, Q5_1 (Q8_1, same values):
   blocks of 32, d = amax/127 stored as float16, q = round-half-even(x * 127/amax)
   (ggml's AVX2 quantize_row_q8_0); x becomes fp16(d) * q;
-- the k-quants Q2_K..Q6_K (vec_dot type Q8_K): blocks of 256, m = the element of largest
+- the k-quants Q2_K..Q6_K and the ternary TQ1_0, TQ2_0 (vec_dot type Q8_K): blocks of 256, m = the element of largest
   magnitude, iscale = -128/m, q = min(127, round-half-even(iscale * x)), d = 1/iscale in
   float32 (quantize_row_q8_K_ref); x becomes d * q;
 - F16 weights: activations rounded to float16; F32: untouched.
@@ -28,7 +28,7 @@ import torch
 from ..errors import LowbitError
 
 _Q8_0 = {"Q4_0", "Q5_0", "Q8_0", "IQ4_NL", "Q4_1", "Q5_1"}
-_Q8_K = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+_Q8_K = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "TQ1_0", "TQ2_0"}
 
 
 def round_q8_0(x: torch.Tensor) -> torch.Tensor:
