@@ -104,6 +104,31 @@ def test_training_lowers_the_loss_and_ends_in_real_codes(tiny_dir, tmp_path):
         assert torch.equal(q(input_ids=ids).logits, again(input_ids=ids).logits)
 
 
+def test_the_curve_starts_at_the_ptq_point(tiny_dir, tmp_path):
+    """With eval_every, step 0 is the quantized start evaluated before any update; the
+    later evaluations follow every eval_every steps, and the plot draws such a history."""
+    from lowbit.evaluation.plots import plot_training
+
+    model, tok, windows = _setup(tiny_dir)
+    teacher = __import__("copy").deepcopy(model)
+    config = method_config("rtn", weight={"bits": 2, "group_size": 32, "symmetric": False})
+    start = __import__("copy").deepcopy(model)
+    wrap(start, lambda n: config.weight_spec_for(n), "learned")
+    seen = []
+
+    def evaluate(m):
+        seen.append(_kl(m, teacher, windows))
+        return {"ppl": float(seen[-1]), "kl": seen[-1]}
+
+    cfg = QATConfig(steps=4, batch=2, lr=1e-3, warmup_steps=1, save_every=0, eval_every=2)
+    _, history = qat(model, tok, config, windows, cfg, tmp_path / "state", evaluate=evaluate)
+    assert [h["step"] for h in history] == [0, 1, 2, 3, 4]
+    assert "loss" not in history[0] and history[0]["tokens"] == 0
+    assert history[0]["eval"]["kl"] == pytest.approx(_kl(start, teacher, windows), rel=1e-5)
+    assert [h["step"] for h in history if "eval" in h] == [0, 2]  # the last step's evaluation is the caller's
+    assert plot_training(history, tmp_path / "t.png", final={"ppl": 1.0, "kl": 0.1}).exists()
+
+
 def test_a_killed_run_resumes_to_the_same_curve(tiny_dir, tmp_path):
     cfg = QATConfig(steps=6, batch=2, lr=1e-3, warmup_steps=1, save_every=2, blend_steps=3, distill=0.5)
     runs = []

@@ -55,8 +55,9 @@ def plot_training(history: list[dict], path: Path, title: str = "", final: dict 
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     tokens = [h["tokens"] for h in history]
-    a1.plot(tokens, [h["loss"] for h in history], lw=1, label="loss")
-    a1.plot(tokens, [h["kl"] for h in history], lw=1, alpha=0.6, label="KL to float (train)")
+    steps = [h for h in history if "loss" in h]  # the step-0 row holds the PTQ start's evaluation only
+    a1.plot([h["tokens"] for h in steps], [h["loss"] for h in steps], lw=1, label="loss")
+    a1.plot([h["tokens"] for h in steps], [h["kl"] for h in steps], lw=1, alpha=0.6, label="KL to float (train)")
     a1.set_xlabel("training tokens")
     a1.set_ylabel("loss")
     a1.legend(fontsize=8)

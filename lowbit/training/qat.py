@@ -173,6 +173,8 @@ def train(model: nn.Module, teacher: nn.Module | None, windows: torch.Tensor, cf
     if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
     order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+    if evaluate is not None and cfg.eval_every and step == 0 and not history:
+        history.append({"step": 0, "tokens": 0, "eval": evaluate(model), "lam": blend(0, cfg)})  # the PTQ start of the curve
     model.train()
     done_here = 0
     try:
