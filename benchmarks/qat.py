@@ -64,11 +64,11 @@ def env(threads: int) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads)}
 
 
-def run_curve(name: str, steps: int, eval_every: int, batch: int, threads: int) -> dict:
+def run_curve(name: str, steps: int, eval_every: int, batch: int, train_len: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="lowbit-qat-bench-") as tmp:
         out = Path(tmp) / "out"
         cmd = [*LOWBIT, "qat", "smollm2-135m", *RUNS[name], "--steps", str(steps), "--batch", str(batch),
-               "--eval-every", str(eval_every), "--save-every", str(eval_every), "--quiet", "-o", str(out)]
+               "--train-len", str(train_len), "--eval-every", str(eval_every), "--save-every", str(eval_every), "--quiet", "-o", str(out)]
         start = time.perf_counter()
         subprocess.run(cmd, check=True, env=env(threads), cwd=ROOT)
         wall = time.perf_counter() - start
@@ -79,7 +79,7 @@ def run_curve(name: str, steps: int, eval_every: int, batch: int, threads: int) 
     final = results.get("qat") or {}
     curve.append({"step": steps, "tokens": hist[-1]["tokens"], **{k: final[k] for k in ("ppl", "kl", "top1") if k in final}})
     hours = results.get("training_seconds", wall) / 3600
-    return {"key": name, "args": RUNS[name], "steps": steps, "batch": batch, "threads": threads, "wall_s": wall,
+    return {"key": name, "args": RUNS[name], "steps": steps, "batch": batch, "train_len": train_len, "threads": threads, "wall_s": wall,
             "training_s": results.get("training_seconds"), "float_ppl": (results.get("original") or {}).get("ppl"),
             "curve": curve, "loss": [[h["step"], h["loss"]] for h in hist if "loss" in h],
             "tokens_per_s": sum(h["tokens_per_s"] for h in hist if "tokens_per_s" in h) / max(1, sum("tokens_per_s" in h for h in hist)),
@@ -161,13 +161,13 @@ def markdown(result: dict) -> str:
     out = [f"SmolLM2-135M, protocol as in the README; training windows from the text after the evaluation windows; "
            f"{m.get('machine')}, commit {m.get('commit')}, {m.get('date')}. `{m.get('command')}`. Recovery per CPU-hour: "
            "perplexity gained from the PTQ start over training wall hours x threads.", "",
-           "| run | lowbit qat arguments | steps x windows | threads | tokens/s | bits/weight | ppl start | ppl end | KL start | KL end | training min | recovery / CPU-hour |",
+           "| run | lowbit qat arguments | steps x windows x tokens | threads | tokens/s | bits/weight | ppl start | ppl end | KL start | KL end | training min | recovery / CPU-hour |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"].values():
         if "curve" not in r:
             continue
         c0, c1 = r["curve"][0], r["curve"][-1]
-        out.append(f"| {r['key']} | `{' '.join(r['args'])}` | {r['steps']} x {r['batch']} | {r['threads']} | {r['tokens_per_s']:.0f} | "
+        out.append(f"| {r['key']} | `{' '.join(r['args'])}` | {r['steps']} x {r['batch']} x {r.get('train_len', 512)} | {r['threads']} | {r['tokens_per_s']:.0f} | "
                    f"{(r['bits_per_weight'] or 0):.3f} | {c0['ppl']:.2f} | {c1['ppl']:.2f} | {c0['kl']:.3f} | {c1['kl']:.3f} | "
                    f"{(r['training_s'] or r['wall_s']) / 60:.1f} | {r['recovery_per_cpu_hour']:.1f} |")
     for r in result["rows"].values():
@@ -186,19 +186,21 @@ def markdown(result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="*", default=["resume", *RUNS], help="w4-gptq, b158, resume (NONE: redraw only)")
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--eval-every", type=int, default=15)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--train-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--markdown", action="store_true", help="write BENCHMARKS.md and docs/qat-smollm2.png")
     args = ap.parse_args()
     result = load()
     result["meta"] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "commit": code_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
-                      "command": f"python benchmarks/qat.py --steps {args.steps} --eval-every {args.eval_every} --batch {args.batch} --markdown"}
+                      "command": f"python benchmarks/qat.py --steps {args.steps} --eval-every {args.eval_every} --batch {args.batch} "
+                                 f"--train-len {args.train_len} --markdown"}
     for name in args.runs:
         if name == "NONE":
             continue
-        row = run_resume(args.threads) if name == "resume" else run_curve(name, args.steps, args.eval_every, args.batch, args.threads)
+        row = run_resume(args.threads) if name == "resume" else run_curve(name, args.steps, args.eval_every, args.batch, args.train_len, args.threads)
         row["commit"] = result["meta"]["commit"]
         result["rows"][name] = row
         save(result)
