@@ -152,6 +152,37 @@ def test_a_budget_mixture_of_ggml_types_exports_with_its_own_types(kdir, tmp_pat
     assert other and all(got[names[hf]][0] == preset[hf].name for hf in other)
 
 
+def test_export_gguf_max_size_writes_a_mixture_within_the_bytes(kdir, tmp_path, excerpt):  # noqa: F811
+    """export gguf --max-size: one GGML type per Linear for the least predicted error, the
+    whole file within the size; a size below the other tensors' bytes is refused."""
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from lowbit.export.gguf_quantize import quantize_to_gguf
+
+    model, tok, info = lowbit.load(str(kdir))
+    ids = torch.tensor(tok(excerpt[:30000])["input_ids"][: 8 * 64]).reshape(8, 64)
+    plain = quantize_to_gguf(copy_model(model), tok, tmp_path / "plain.gguf", "Q4_K_M", windows=ids, imatrix=True, source=info["source"])
+    target = plain.export.file_bytes
+    run = quantize_to_gguf(copy_model(model), tok, tmp_path / "mix.gguf", "Q4_K_M", windows=ids, imatrix=True, source=info["source"],
+                           max_bytes=target, candidates=("Q3_K", "Q4_0", "Q5_K", "Q8_0"))
+    assert run.export.file_bytes <= target
+    assert len(set(run.allocation["choices"].values())) >= 2
+    got = {t for t, n in run.export.type_counts.items()}
+    assert set(run.allocation["choices"].values()) <= got
+    assert not list(tmp_path.glob(".mix.gguf.probe*"))  # the probe file is gone
+    r = CliRunner().invoke(app, ["export", "gguf", str(kdir), "--max-size", "10KB", "-o", str(tmp_path / "small.gguf")])
+    assert r.exit_code != 0 and "already take" in r.output and not (tmp_path / "small.gguf").exists()
+    r = CliRunner().invoke(app, ["export", "gguf", str(kdir), "--max-size", "1MB", "--candidates", "Q4_0,IQ2_XS", "-o", str(tmp_path / "x.gguf")])
+    assert r.exit_code != 0 and "IQ2_XS" in r.output
+
+
+def copy_model(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
 def test_rtn_with_an_imatrix_weighs_the_fit(kdir, excerpt):  # noqa: F811
     """Block 0's q_proj sees the float model's inputs (nothing upstream is quantized yet),
     so its bytes are the codec's with llama.cpp's imatrix of the float model."""

@@ -91,6 +91,22 @@ def export_gguf(
             "rounds every Linear's input to 8 bits, then loses less. 0.7 is a good start (BENCHMARKS.md).",
         ),
     ] = None,
+    max_size: Annotated[
+        Optional[str],
+        typer.Option(
+            "--max-size",
+            help="A file of at most this size (100MB, 1.5GB, 300MiB) with lowbit's own mixture instead of the file "
+            "type's: each decoder Linear gets one of --candidates, chosen for the least predicted loss (its output "
+            "error on the calibration windows, a knapsack over the exact bytes), quantized with --imatrix (implied) "
+            "or --gptq; --type (default Q4_K_M) then types only the embedding, output and norms.",
+            show_default=False,
+        ),
+    ] = None,
+    candidates: Annotated[
+        str,
+        typer.Option("--candidates", help="GGML types --max-size chooses from, comma-separated (Q4_1/Q5_1 are left out by default: "
+                     "they hold the embedded SmolLM2's own Q4_1 grid)."),
+    ] = "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q4_0,Q5_0,Q8_0",
     search: Annotated[
         str,
         typer.Option(
@@ -116,12 +132,25 @@ def export_gguf(
         preset(type)  # an unknown type fails before anything is loaded
     if search not in gguf_writer.SEARCHES:
         raise LowbitError(f"--search must be one of {', '.join(gguf_writer.SEARCHES)}, got {search!r}")
-    if calib is not None and not (imatrix or gptq or smooth is not None):
-        raise LowbitError("--calib is only used with --imatrix, --gptq or --smooth")
+    if calib is not None and not (imatrix or gptq or smooth is not None or max_size is not None):
+        raise LowbitError("--calib is only used with --imatrix, --gptq, --smooth or --max-size")
     if smooth is not None and not 0 < smooth <= 1:
         raise LowbitError(f"--smooth (alpha) must be in (0, 1], got {smooth}")
     if imatrix and gptq:
         raise LowbitError("--gptq takes its importance from its own calibration pass; give --imatrix or --gptq, not both")
+    max_bytes = None
+    if max_size is not None:
+        from ..formats.names import canonical
+        from .main import parse_size
+
+        max_bytes = parse_size(max_size)
+        imatrix = imatrix or not gptq
+        cands = tuple(canonical(c.strip()) for c in candidates.split(",") if c.strip())
+        if not cands:
+            raise LowbitError("--candidates: give at least one GGML type")
+        for c in cands:
+            if c not in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+                raise LowbitError(f"--candidates: {c!r} is not a GGML type lowbit quantizes (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K)")
     if save_imatrix is not None and not imatrix:
         raise LowbitError("--save-imatrix needs --imatrix")
     if output.is_dir():
@@ -134,7 +163,7 @@ def export_gguf(
     start = time.perf_counter()
     m, tok, info = api.load(model)
     checkpoint = info.get("checkpoint")
-    for flag, on in (("--gptq", gptq), ("--imatrix", imatrix), ("--smooth", smooth is not None)):
+    for flag, on in (("--gptq", gptq), ("--imatrix", imatrix), ("--smooth", smooth is not None), ("--max-size", max_bytes is not None)):
         if on and checkpoint:
             raise LowbitError(f"{flag} works on a float model, and {model} is a lowbit checkpoint (already quantized)")
     if checkpoint:
@@ -146,8 +175,11 @@ def export_gguf(
         windows = api.prepare_windows(tok, Protocol(), calib=calib)[1] if (gptq or imatrix or smooth is not None) else None
         run = quantize_to_gguf(m, tok, output, type or "Q4_K_M", windows=windows, gptq=gptq, imatrix=imatrix, smooth=smooth,
                                search=search, source=info["source"], progress=api.progress_bar, save_imatrix=save_imatrix,
-                               imatrix_dataset=calib or "wikipedia")
+                               imatrix_dataset=calib or "wikipedia", max_bytes=max_bytes,
+                               **({"candidates": cands} if max_bytes is not None else {}))
         result, note = run.export, ""
+        if max_bytes is not None:
+            note = f" (lowbit's mixture for at most {max_bytes:,} bytes; predicted output error {run.allocation['predicted_total']:.4g})"
         steps = f"{f' + smoothing {smooth:g}' if smooth is not None else ''}{' + imatrix' if imatrix else ''}{' + GPTQ' if gptq else ''}"
     counts = ", ".join(f"{n} {t}" for t, n in sorted(result.type_counts.items(), key=lambda kv: -kv[1]))
     out.print(

@@ -66,15 +66,43 @@ class GGUFRun:
     quantize_seconds: float = 0.0
     smooth: float | None = None
     method: str | None = None  # "gptq", "rtn" (imatrix), or None (the writer quantizes everything)
+    allocation: dict | None = None  # with max_bytes: the bit budget's choices and predictions
+
+
+# GGML types a size-budgeted mixture chooses from by default: every type lowbit quantizes
+# except Q4_1 and Q5_1, whose grids contain the embedded SmolLM2's own (its weights were
+# Q4_1), which would make that model's results meaningless; add them with ``candidates``.
+MIXTURE_CANDIDATES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0", "Q8_0")
+
+
+def decoder_linear_bytes(model, path: str | Path) -> int:
+    """Bytes of the decoder Linears' tensor data in the GGUF file at ``path``."""
+    from gguf import GGUFReader
+
+    from ..models.arch import block_linears, decoder_layers
+    from .gguf_writer import hf_to_gguf_names
+
+    names = hf_to_gguf_names(model)
+    prefix, layers = decoder_layers(model)
+    lin = {names[f"{prefix}.{i}.{local}.weight"] for i, b in enumerate(layers) for local in block_linears(b)}
+    return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors if t.name in lin)
 
 
 def quantize_to_gguf(model, tokenizer, out: str | Path, file_type: str, *, windows: torch.Tensor | None = None,
                      gptq: bool = False, imatrix: bool = False, smooth: float | None = None, search: str = "weighted",
                      source: dict | None = None, progress=None, save_imatrix: str | Path | None = None,
-                     imatrix_dataset: str = "wikipedia") -> GGUFRun:
+                     imatrix_dataset: str = "wikipedia", max_bytes: int | None = None,
+                     candidates: tuple[str, ...] = MIXTURE_CANDIDATES) -> GGUFRun:
     """Steps 1-3 above on a float ``model`` (changed in place). windows: calibration
     windows, needed by gptq, imatrix and smooth. progress: a factory desc -> iterable
-    wrapper (api.progress_bar), or None."""
+    wrapper (api.progress_bar), or None.
+
+    max_bytes: instead of the file type's plan, each decoder Linear gets one of
+    ``candidates`` (GGML types) chosen by the bit budget (algorithms.allocate) so that the
+    whole file takes at most this many bytes; ``file_type`` then types only the other
+    tensors. The bytes those take (metadata, embedding, output, norms) are measured by
+    writing the file type's file once beside ``out``. Needs gptq or imatrix (the method
+    run on the chosen types)."""
     from .. import api
     from ..algorithms.base import method_config
     from ..nn.qlinear import QuantLinear
@@ -105,6 +133,11 @@ def quantize_to_gguf(model, tokenizer, out: str | Path, file_type: str, *, windo
         write_imatrix(save_imatrix, by_gguf, n_tokens=windows.numel(), chunk_size=windows.shape[1], dataset=imatrix_dataset)
     if p.base.name in ("F32", "F16", "BF16") and (gptq or imatrix):
         raise LowbitError(f"--gptq and --imatrix need a quantized file type, not {p.name}")
+    if max_bytes is not None:
+        if not (gptq or imatrix):
+            raise LowbitError("a size-budgeted GGUF mixture runs --imatrix or --gptq on the chosen types; give one")
+        return _sized_mixture(model, tokenizer, Path(out), p.name, windows, gptq, max_bytes, tuple(candidates), search, source,
+                              progress, run)
     if gptq or imatrix:
         run.method = "gptq" if gptq else "rtn"
         options = {} if gptq else {"imatrix": True}
@@ -140,3 +173,36 @@ def export_checkpoint_gguf(model, tokenizer, meta: dict, out: str | Path, file_t
                                      prequantized=prequantized, search=search,
                                      plan_imatrix=importance if planned else (False if own else None), own_types=own)
     return result, bool(prequantized)
+
+
+def _sized_mixture(model, tokenizer, out: Path, file_type: str, windows, gptq: bool, max_bytes: int,
+                   candidates: tuple[str, ...], search: str, source, progress, run: GGUFRun) -> GGUFRun:
+    import tempfile
+
+    from .. import api
+    from ..algorithms.allocate import Budget
+    from ..algorithms.base import method_config
+    from . import gguf_writer
+
+    if not candidates:
+        raise LowbitError("a size-budgeted GGUF needs at least one candidate GGML type")
+    bar = progress or (lambda desc: None)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.probe") as tmp:
+        probe = gguf_writer.export_gguf(model, tokenizer, Path(tmp) / "probe.gguf", file_type, source=source, search=search,
+                                        progress=bar(f"measure {file_type}'s other tensors"), plan_imatrix=False)
+        overhead = probe.file_bytes - decoder_linear_bytes(model, probe.path)
+    if max_bytes <= overhead:
+        raise LowbitError(f"--max-size {max_bytes:,} bytes: the tensors besides the decoder Linears (embedding, output, "
+                          f"norms, metadata) already take {overhead:,} bytes as {file_type}")
+    run.method = "gptq" if gptq else "rtn"
+    config = method_config(run.method, weight={"format": candidates[0]}, options={} if gptq else {"imatrix": True},
+                           calib_precision="fp32")
+    report = api.quantize(model, config, windows, progress=progress is not None,
+                          budget=Budget(bytes=max_bytes - overhead, candidates=candidates))
+    run.quantize_seconds, run.allocation = report.seconds, report.allocation
+    run.export = gguf_writer.export_gguf(model, tokenizer, out, file_type, source=source, progress=bar("write mixture"),
+                                         prequantized=stored_ggml(model), search=search, plan_imatrix=False, own_types=True)
+    if run.export.file_bytes > max_bytes:  # the plan counts every Linear byte; only a bug gets here
+        out.unlink()
+        raise LowbitError(f"GGUF mixture came out at {run.export.file_bytes:,} bytes, over --max-size {max_bytes:,}")
+    return run
