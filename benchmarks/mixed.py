@@ -18,7 +18,7 @@ Parts (rows are saved as they finish in benchmarks/results/mixed.json; a rerun k
 - ``gguf``: for each of llama.cpp's Q4_K_M, Q3_K_M and Q2_K: llama.cpp's own file (from
   lowbit's F16, ``llama_model_quantize``), lowbit's file of that preset with an importance
   matrix, and lowbit's automatic mixture (RTN with the importance matrix on one GGML type
-  per Linear, chosen by the bit budget) at the preset file's bytes; every file's perplexity
+  per Linear, chosen by the bit budget: ``lowbit export gguf --max-size``) at the preset file's bytes; every file's perplexity
   from llama.cpp itself (benchmarks/peers/llamacpp_run.py in its own venv) and from lowbit.
 
 The Pareto plot (docs/mixed-smollm2.png) adds every row of benchmarks/results/formats.json
@@ -196,22 +196,12 @@ def part_curve(s, result, save, only) -> None:
         save(key, row)
 
 
-def gguf_linear_bytes(path: Path) -> int:
-    from gguf import GGUFReader
-
-    lin = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
-    return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors if t.name.startswith("blk.") and t.name.endswith(lin))
-
-
 def part_gguf(s, result, save, only, peer_python: Path, threads: int) -> None:
     import numpy as np
 
-    import lowbit
     from gguf_llamacpp import file_stats, lowbit_ppl, peer  # noqa: E402
-    from lowbit.algorithms.allocate import Budget
-    from lowbit.algorithms.base import method_config
     from lowbit.calibration.imatrix import collect_imatrix
-    from lowbit.export.gguf_quantize import stored_ggml
+    from lowbit.export.gguf_quantize import quantize_to_gguf
     from lowbit.export.gguf_writer import export_gguf
 
     if not peer_python.exists():
@@ -239,7 +229,6 @@ def part_gguf(s, result, save, only, peer_python: Path, threads: int) -> None:
         export_gguf(s.model, s.tok, ours, preset, imatrix=imat, source=s.info["source"])
         ours_s = time.perf_counter() - start
         target = ours.stat().st_size
-        overhead = target - gguf_linear_bytes(ours)
         if "ppl" not in result["rows"].get(keys["llamacpp"], {}):
             theirs = work / f"llamacpp-{preset}.gguf"
             r = peer(peer_python, "quantize", str(f16), str(theirs), "--type", preset, "--threads", str(threads))
@@ -251,21 +240,15 @@ def part_gguf(s, result, save, only, peer_python: Path, threads: int) -> None:
         else:
             ours.unlink()
         if "ppl" not in result["rows"].get(keys["mixture"], {}):
-            q = copy.deepcopy(s.model)
-            config = method_config("rtn", weight={"format": "Q4_K"}, options={"imatrix": True})
-            budget = Budget(bytes=target - overhead, candidates=GGUF_CANDIDATES)
-            start = time.perf_counter()
-            report = lowbit.quantize(q, config, s.calib, progress=False, budget=budget)
-            mix_s = time.perf_counter() - start
             path = work / f"lowbit-{preset}-size-mixture.gguf"
-            export_gguf(q, s.tok, path, preset, source=s.info["source"], prequantized=stored_ggml(q), own_types=True, plan_imatrix=False)
+            run = quantize_to_gguf(copy.deepcopy(s.model), s.tok, path, preset, windows=s.calib, imatrix=True, source=s.info["source"],
+                                   max_bytes=target, candidates=GGUF_CANDIDATES)
             counts: dict[str, int] = {}
-            for c in report.allocation["choices"].values():
+            for c in run.allocation["choices"].values():
                 counts[c] = counts.get(c, 0) + 1
             row = {"key": keys["mixture"], "part": "gguf", "preset": preset, "label": f"lowbit mixture at {preset}'s bytes",
-                   "quantize_s": mix_s, "target_bytes": target, "linear_budget": target - overhead,
-                   "allocation": {"counts": counts, "predicted_total": report.allocation["predicted_total"]}}
-            del q
+                   "quantize_s": run.quantize_seconds, "target_bytes": target,
+                   "allocation": {"counts": counts, "predicted_total": run.allocation["predicted_total"]}}
             measure(keys["mixture"], path, row)
     for p in work.iterdir():
         p.unlink()
