@@ -351,3 +351,24 @@ def test_outliers_on_any_format_exact_and_accounted():
         assert (deq - w).pow(2).sum() < plain
     with pytest.raises(LowbitError, match="outlier positions outside"):
         fmt.unpack({**fmt.pack(ow), "outlier_rows": torch.full((k,), 99, dtype=torch.int16)}, *w.shape)
+
+
+def test_nearest_level_search_equals_the_plain_argmin():
+    """The binary search over sorted levels gives argmin's codes exactly, ties included:
+    values on levels, at midpoints, equal levels (lower code wins), and non-finite values."""
+    from lowbit.formats.base import nearest_level, nearest_level_reference
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(120):
+        L = int(torch.randint(5, 40, (1,), generator=g))
+        lv = torch.randn(3, 4, L, generator=g)
+        if trial % 3 == 0:
+            lv = torch.round(lv * 2) / 2  # many equal levels
+        w = torch.randn(3, 4, 37, generator=g) * 1.5
+        if trial % 2 == 0:
+            w = torch.gather(lv, -1, torch.randint(0, L, (3, 4, 37), generator=g))
+            if trial % 4 == 0:
+                w = (w + torch.gather(lv, -1, torch.randint(0, L, (3, 4, 37), generator=g))) / 2
+        assert torch.equal(nearest_level(w, lv), nearest_level_reference(w, lv)), trial
+    w[0, 0, 0] = float("nan")
+    assert torch.equal(nearest_level(w, lv), nearest_level_reference(w, lv))

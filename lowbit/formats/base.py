@@ -144,11 +144,32 @@ def group_weights(wg: torch.Tensor, mask: torch.Tensor | None, importance: torch
     return m.unsqueeze(0)
 
 
-def nearest_level(wg: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+def nearest_level_reference(wg: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Code of the nearest level for each value: wg [R, G, W], levels [R, G, L] -> uint8.
     Ties go to the lower code (argmin returns the first minimum)."""
     d = (wg.float().unsqueeze(-1) - levels.float().unsqueeze(2)).abs()
     return torch.argmin(d, dim=-1).to(torch.uint8)
+
+
+def nearest_level(wg: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """``nearest_level_reference`` by binary search over each group's sorted levels: only
+    the two levels around a value can be nearest, so it compares those two (the lower code
+    of equal levels, and of equal distances, as argmin's first minimum) instead of all L.
+    Values that are not finite go to the reference."""
+    w, lv = wg.float(), levels.float()
+    L = lv.shape[-1]
+    if L <= 4 or w.numel() == 0 or not (torch.isfinite(w).all() and torch.isfinite(lv).all()):
+        return nearest_level_reference(w, lv)
+    sl, order = torch.sort(lv, dim=-1, stable=True)  # equal levels keep their code order
+    first = torch.searchsorted(sl, sl)  # each sorted position -> the first position of its equal run
+    pos = torch.searchsorted(sl, w.contiguous())  # first level >= the value
+    hi = pos.clamp(max=L - 1)
+    lo = torch.gather(first, -1, (pos - 1).clamp(min=0))
+    v_hi, v_lo = torch.gather(sl, -1, hi), torch.gather(sl, -1, lo)
+    c_hi, c_lo = torch.gather(order, -1, hi), torch.gather(order, -1, lo)
+    d_hi, d_lo = (w - v_hi).abs(), (w - v_lo).abs()
+    take_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (c_hi < c_lo))
+    return torch.where(take_hi, c_hi, c_lo).to(torch.uint8)
 
 
 class GroupLayout:

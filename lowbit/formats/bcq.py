@@ -34,8 +34,12 @@ def signs_of_codes(k: int) -> torch.Tensor:
 
 def _lstsq(A: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Least-squares x of A x ≈ y, batched ([..., n, p], [..., n]); minimum norm where A is
-    rank deficient (a constant group, equal sign patterns)."""
-    return torch.linalg.pinv(A) @ y.unsqueeze(-1)
+    rank deficient (a constant group, equal sign patterns). Through the p x p normal
+    equations, pinv(A^T A) A^T y (the same minimum-norm solution, p <= 5 here), in float64
+    so that squaring the condition number costs nothing visible."""
+    A64, y64 = A.double(), y.double()
+    G = A64.transpose(-1, -2) @ A64
+    return (torch.linalg.pinv(G, hermitian=True) @ (A64.transpose(-1, -2) @ y64.unsqueeze(-1))).to(A.dtype)
 
 
 @register
