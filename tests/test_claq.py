@@ -91,3 +91,28 @@ def test_method_through_the_runner(tiny_dir, tmp_path):
         assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
     with pytest.raises(LowbitError, match="use its own method \\(--method claq\\)"):
         lowbit.quantize(lowbit.load(str(tiny_dir))[0], method_config("gptq", weight={"format": "claq2.1"}), calib(len(tok)), progress=False)
+
+
+def test_column_kmeans_equals_the_batched_codebook_fit():
+    """fit_column's one-column Lloyd (sorted runs, prefix sums) against the batched
+    codebook fit it replaces: the same centroids (float16) on varied columns, equal
+    centroids and constant columns included; nearest_code against argmin."""
+    from lowbit.formats.base import nearest_level_reference
+
+    fmt = make_format("claq", bits=2, high=4, share_high=0.05)
+    g = torch.Generator().manual_seed(3)
+    cols = [torch.randn(577, generator=g) * 0.02 for _ in range(20)]
+    cols += [torch.distributions.StudentT(3.0).sample((300,)) * 0.01 for _ in range(10)]
+    cols += [torch.zeros(64), torch.full((50,), 0.25), torch.tensor([0.0, 1.0] * 20), torch.tensor([0.0] * 30 + [1.0, 2.0])]
+    for i, col in enumerate(cols):
+        for b in (2, 3, 4):
+            fast, ref = fmt.fit_column(col, b), fmt.fit_column_reference(col, b)
+            assert fast.dtype == torch.float16 and fast.numel() == 16
+            assert torch.equal(fast, torch.sort(fast).values)
+            if i < 30:  # distinct values: the same fixed point
+                torch.testing.assert_close(fast.float(), torch.sort(ref.float()).values, rtol=0, atol=2e-3 * float(col.abs().max()))
+            err = lambda c: float((col - c.float()[nearest_level_reference(col.reshape(1, 1, -1), c.float().reshape(1, 1, -1)).long()]).pow(2).sum())
+            assert err(fast) <= err(ref) * 1.001 + 1e-12, (i, b)
+            codes = fmt.nearest_code(col, fast)
+            want = nearest_level_reference(col.reshape(1, 1, -1), fast.float().reshape(1, 1, -1)).reshape(-1)
+            assert torch.equal(codes, want), (i, b)

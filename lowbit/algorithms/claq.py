@@ -52,8 +52,7 @@ def claq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: CLAQ, damp_percent: flo
                 w = W1[:, i]
                 c = fmt.fit_column(w, int(widths[col]))
                 cents[j] = c
-                p = {"centroids": c.reshape(1, 1, -1), "col_bits": widths[col].reshape(1, 1, 1)}
-                code = fmt.encode(w.reshape(rows, 1, 1), p).reshape(rows)
+                code = fmt.nearest_code(w, c)
                 q = c.float()[code.long()]
                 k = reserved(w, float(keep[col]))
                 q = torch.where(k, w.to(torch.float16).float(), q)

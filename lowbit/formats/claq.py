@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from ..errors import LowbitError
@@ -34,6 +35,38 @@ from .packing import pack, unpack
 
 T_OUTLIER = 13.0  # |w| >= 13 · mean|W| counts as an outlier (CLAQ's reference code)
 RESERVE_TOP, RESERVE_HIGH, RESERVE_LOW = 0.10, 0.014, 0.004
+
+
+def kmeans_column(col: torch.Tensor, L: int, iters: int) -> torch.Tensor:
+    """float16 centroids (L, ascending) of one column's values by Lloyd's k-means.
+
+    In one dimension each cluster is a run of the sorted values, so an iteration is a
+    binary search of the L - 1 midpoints between neighbouring centroids (a value on a
+    midpoint goes to the lower one; of equal centroids the first takes the values) and
+    the means from prefix sums: O(L log n) after one sort. Start at the quantiles, as
+    formats.codebook's fit; an empty cluster keeps its centroid; stop once the runs
+    repeat (the centroids would not change)."""
+    x = np.sort(col.detach().float().numpy().astype(np.float32))
+    n = x.size
+    cs = np.concatenate([[0.0], np.cumsum(x, dtype=np.float64)])
+    rank = np.minimum(((np.arange(L, dtype=np.float32) + np.float32(0.5)) * np.float32(n) / np.float32(L)).astype(np.int64), n - 1)
+    c = x[rank].astype(np.float32)
+    prev = None
+    for _ in range(iters):
+        c = np.sort(c)
+        ends = np.empty(L, dtype=np.int64)
+        ends[:-1] = np.searchsorted(x, (c[:-1] + c[1:]) * np.float32(0.5), side="right")
+        ends[-1] = n
+        dup = np.nonzero(c[:-1] == c[1:])[0]
+        for j in dup[::-1]:  # equal centroids: the first takes the run, the others stay empty
+            ends[j] = ends[j + 1]
+        if prev is not None and np.array_equal(ends, prev):
+            break
+        starts = np.concatenate([[0], ends[:-1]])
+        cnt = ends - starts
+        c = np.where(cnt > 0, (cs[ends] - cs[starts]) / np.maximum(cnt, 1), c).astype(np.float32)
+        prev = ends
+    return torch.from_numpy(np.sort(c)).to(torch.float16)
 
 
 def claq_setting(avg: float) -> tuple[int, int, float]:
@@ -103,9 +136,29 @@ class CLAQ(WeightFormat):
         return Codebook(bits=b, group_size=None, iters=self.iters)
 
     def fit_column(self, col: torch.Tensor, b: int) -> torch.Tensor:
-        """2^b centroids of one column's values (k-means), padded to 2^high with the last."""
+        """2^b centroids of one column's values (k-means), padded to 2^high with the last.
+        The same Lloyd iterations as formats.codebook's fit (quantile start, nearest
+        centroid with ties to the lower code, means; an empty cluster keeps its centroid)
+        on one column in numpy, stopped once the assignment repeats (the centroids then
+        stay as they are): GPTQ's column loop calls this once per column."""
+        c = kmeans_column(col, 2**b, self.iters)
+        return torch.cat([c, c[-1:].expand(2**self.high - c.numel())])
+
+    def fit_column_reference(self, col: torch.Tensor, b: int) -> torch.Tensor:
+        """``fit_column`` through the batched codebook fit (tests compare the two)."""
         c = self.codebook(b).fit(col.reshape(1, 1, -1))["centroids"].reshape(-1)
         return torch.cat([c, c[-1:].expand(2**self.high - c.numel())])
+
+    @staticmethod
+    def nearest_code(col: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+        """Codes of one column on its ascending float16 centroids (``fit_column``'s): the
+        nearest, a value on a midpoint and equal centroids to the lower code; one binary
+        search per value instead of a distance to every centroid."""
+        x = col.detach().float().numpy()
+        c = centroids.float().numpy()
+        j = np.searchsorted((c[:-1] + c[1:]) * np.float32(0.5), x, side="left")
+        first = np.searchsorted(c, c, side="left")
+        return torch.from_numpy(first[j].astype(np.uint8))
 
     # --- the matrix, round to nearest ----------------------------------------------------
 
