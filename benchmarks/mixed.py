@@ -325,6 +325,15 @@ def markdown(result: dict, n: dict) -> str:
             a = r["allocation"]
             out.append(f"| {r['budget']:.3f} | {r['bits_per_weight']:.3f} | {all_tensor_bpw(r['bits_per_weight'], n):.3f} | "
                        f"{', '.join(f'{k} x{v}' for k, v in sorted(a['counts'].items()))} | {a['predicted_total']:.4g} | {r['ppl']:.2f} | {r['kl']:.3f} |")
+        if len(curve) >= 3:
+            def ranks(v):
+                order = sorted(range(len(v)), key=lambda i: v[i])
+                return [order.index(i) for i in range(len(v))]
+            p, k = ranks([r["allocation"]["predicted_total"] for r in curve]), ranks([r["kl"] for r in curve])
+            m = len(curve)
+            rho = 1 - 6 * sum((a - b) ** 2 for a, b in zip(p, k)) / (m * (m * m - 1))
+            out += ["", f"Predicted against measured: the summed output error the plan predicts and the measured KL rank the "
+                    f"{m} budgets with Spearman correlation {rho:.2f}."]
     g = [r for r in rows.values() if r.get("part") == "gguf" and "ppl" in r]
     if g:
         out += ["", "### GGUF: an automatic per-tensor mixture at the bytes of llama.cpp's presets, measured by llama.cpp", "",
