@@ -404,7 +404,7 @@ def test_cli_export_gguf(kdir, tmp_path, cache):
     bad = _cli([str(kdir), "--type", "Q4_K_X", "-o", str(tmp_path / "x.gguf")])
     assert bad.exit_code == 2 and "unknown GGUF type 'Q4_K_X'" in bad.output
     bad = _cli([str(kdir), "--calib", "x.txt", "-o", str(tmp_path / "x.gguf")])
-    assert bad.exit_code == 2 and "--calib is only used with --imatrix, --gptq or --smooth" in bad.output
+    assert bad.exit_code == 2 and "--calib is only used with --imatrix, --gptq, --smooth or --max-size" in bad.output
     bad = _cli([str(kdir), "--smooth", "1.5", "-o", str(tmp_path / "x.gguf")])
     assert bad.exit_code == 2 and "--smooth (alpha) must be in (0, 1]" in bad.output
     bad = _cli([str(kdir), "--search", "fast", "-o", str(tmp_path / "x.gguf")])

@@ -161,6 +161,7 @@ def nearest_level(wg: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     if L <= 4 or w.numel() == 0 or not (torch.isfinite(w).all() and torch.isfinite(lv).all()):
         return nearest_level_reference(w, lv)
     sl, order = torch.sort(lv, dim=-1, stable=True)  # equal levels keep their code order
+    sl, order = sl.contiguous(), order.contiguous()
     first = torch.searchsorted(sl, sl)  # each sorted position -> the first position of its equal run
     pos = torch.searchsorted(sl, w.contiguous())  # first level >= the value
     hi = pos.clamp(max=L - 1)
