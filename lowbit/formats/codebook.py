@@ -5,8 +5,9 @@ importance where given, as SqueezeLLM / CLAQ weigh by the Hessian diagonal or Fi
 information); a weight's code is the index of its nearest centroid. Initialization is
 deterministic, no random draw: centroid j starts at the sorted group's value of rank
 floor((j + 1/2)·n / 2^k) (its (j + 1/2)/2^k quantile). A centroid that loses all its
-members keeps its place. After ``iters`` rounds the centroids are rounded to float16 and
-the codes re-chosen on the rounded values.
+members keeps its place. After ``iters`` rounds (a group whose codes repeat has stopped
+moving and sits out the rest) the centroids are rounded to float16 and the codes re-chosen
+on the rounded values.
 
 ``codebook-col`` (ColumnCodebook) is CLAQ's column-wise variant: centroids per input
 column, shared by all rows.
@@ -55,11 +56,25 @@ class Codebook(WeightFormat):
         rank = ((torch.arange(L) + 0.5).unsqueeze(0).unsqueeze(0) * n.unsqueeze(-1) / L).long().clamp(max=w.shape[-1] - 1)
         c = torch.gather(srt, -1, rank)
         c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))  # an empty group
+        # Lloyd's rounds on the groups whose codes still move: a group whose codes repeat has
+        # reached its fixed point (the same members give the same means), so it is left out
+        # of later rounds, with the result of running every round on every group.
+        W, M = w.reshape(-1, 1, w.shape[-1]), m.reshape(-1, 1, w.shape[-1])  # one group per row
+        C = c.reshape(-1, 1, L).clone()
+        live, prev = torch.arange(W.shape[0]), None
         for _ in range(self.iters):
-            a = nearest_level(w, c).long()
-            num = torch.zeros_like(c).scatter_add_(-1, a, w * m)
-            den = torch.zeros_like(c).scatter_add_(-1, a, m)
-            c = torch.where(den > 0, num / den.clamp(min=1e-30), c)
+            a = nearest_level(W[live], C[live]).long()
+            if prev is not None:
+                moved = (a != prev).flatten(1).any(-1)
+                live, a = live[moved], a[moved]
+                if live.numel() == 0:
+                    break
+            wl, ml, cl = W[live], M[live], C[live]
+            num = torch.zeros_like(cl).scatter_add_(-1, a, wl * ml)
+            den = torch.zeros_like(cl).scatter_add_(-1, a, ml)
+            C[live] = torch.where(den > 0, num / den.clamp(min=1e-30), cl)
+            prev = a
+        c = C.reshape(c.shape)
         return {"centroids": c.to(torch_dtype(self.scale_dtype))}
 
     def kmeans_reference(self, wg, mask=None, importance=None):
