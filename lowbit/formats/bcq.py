@@ -9,7 +9,8 @@ greedy first, alpha_i = mean |r|, b_i = sign(r), r -= alpha_i·b_i (r starting f
 w - mean(w) with the offset, else w); then ``iters`` rounds of alternating least squares:
 with the b fixed, (alpha, offset) = the least-squares solution (weighted by the importance
 where given); with alpha fixed, each weight takes its nearest representable value. Each
-half-step minimizes the squared error exactly, so it never increases. The scales are rounded
+half-step minimizes the squared error exactly, so it never increases; a group whose codes
+come back unchanged has reached its fixed point and sits out the later rounds. The scales are rounded
 to float16 last, and the codes re-chosen on the rounded values.
 ``fit_reference`` is the same fit one group at a time, the plain form tests hold ``fit`` to.
 """
@@ -89,11 +90,22 @@ class BCQ(WeightFormat):
             r = r - a.unsqueeze(-1) * b
             alphas.append(a)
         x = torch.stack(alphas + ([off] if self.offset else []), -1)
-        sq = m.sqrt()
-        for _ in range(self.iters):  # alternating least squares
-            A = self._design(code) * sq.unsqueeze(-1)
-            x = _lstsq(A, w * sq).squeeze(-1)
-            code = nearest_level(w, self.levels(self._params(x))).long()
+        # alternating least squares, on the groups whose codes still move: a group whose codes
+        # repeat gets the same solution again, so it sits out the later rounds
+        n, p = w.shape[-1], x.shape[-1]
+        W, S, C, X = w.reshape(-1, 1, n), m.sqrt().reshape(-1, 1, n), code.reshape(-1, 1, n), x.reshape(-1, 1, p).clone()
+        live = torch.arange(W.shape[0])
+        for _ in range(self.iters):
+            wl, sl = W[live], S[live]
+            xl = _lstsq(self._design(C[live]) * sl.unsqueeze(-1), wl * sl).squeeze(-1)
+            X[live] = xl
+            cl = nearest_level(wl, self.levels(self._params(xl))).long()
+            moved = (cl != C[live]).flatten(1).any(-1)
+            C[live] = cl
+            live = live[moved]
+            if live.numel() == 0:
+                break
+        x = X.reshape(x.shape)
         sdt = torch_dtype(self.scale_dtype)
         return {k: v.to(sdt) for k, v in self._params(x).items()}
 
