@@ -151,8 +151,9 @@ def low_rows(s, gptq_bpw: dict) -> list[tuple[str, dict]]:
             t = int((gptq_bpw[bits] - over) * 100) / 100
             rows.append((f"slim-{bits}-matched", {"bits": bits, "method": "slim-llm", "weight": {"format": f"mixed{choices}@{t}", "group_size": 128},
                                                   "label": f"SliM-LLM {t}-bit codes (GPTQ's bits/weight)"}))
-            rows.append((f"budget-{bits}", {"bits": bits, "method": "gptq", "weight": dict(w), "budget": gptq_bpw[bits],
-                                            "label": "lowbit bit budget (GPTQ, int2..int8 per Linear)"}))
+            for sens, tail in (("fisher", ""), ("output", "-output")):
+                rows.append((f"budget-{bits}{tail}", {"bits": bits, "method": "gptq", "weight": dict(w), "budget": gptq_bpw[bits],
+                                                      "sensitivity": sens, "label": f"lowbit bit budget (GPTQ, int2..int8 per Linear; {sens})"}))
         for c in ((("claq2.1", "claq2-or") if bits == 2 else ("claq3", "claq3.1", "claq3-or"))):
             rows.append((f"{c}", {"bits": bits, "method": "claq", "weight": {"format": c}, "label": f"CLAQ {c[4:]}"}))
     return rows
@@ -166,7 +167,7 @@ def part_low(s, result, save, only) -> None:
             return
         row = {"key": key, "part": "low", **spec}
         try:
-            budget = Budget(bpw=spec["budget"], candidates=INT_CANDIDATES) if "budget" in spec else None
+            budget = Budget(bpw=spec["budget"], candidates=INT_CANDIDATES, sensitivity=spec["sensitivity"]) if "budget" in spec else None
             row.update(run(s, spec["method"], spec["weight"], budget=budget))
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"
@@ -186,8 +187,8 @@ def part_curve(s, result, save, only) -> None:
         key = f"curve-{b:g}"
         if "ppl" in result["rows"].get(key, {}) or (only and key not in only):
             continue
-        row = {"key": key, "part": "curve", "bits": b, "method": "gptq", "weight": dict(W2), "budget": b,
-               "label": "lowbit bit budget (GPTQ, int2..int8 per Linear)"}
+        row = {"key": key, "part": "curve", "bits": b, "method": "gptq", "weight": dict(W2), "budget": b, "sensitivity": "fisher",
+               "label": "lowbit bit budget (GPTQ, int2..int8 per Linear; fisher)"}
         try:
             row.update(run(s, "gptq", dict(W2), budget=Budget(bpw=b, candidates=INT_CANDIDATES)))
         except Exception as e:
@@ -221,7 +222,7 @@ def part_gguf(s, result, save, only, peer_python: Path, threads: int) -> None:
         save(key, row)
 
     for preset in PRESETS:
-        keys = {k: f"gguf-{preset}-{k}" for k in ("llamacpp", "imatrix", "mixture")}
+        keys = {k: f"gguf-{preset}-{k}" for k in ("llamacpp", "imatrix", "mixture", "mixture-output")}
         if only and not set(keys.values()) & set(only):
             continue
         ours = work / f"lowbit-{preset}+imatrix.gguf"
@@ -239,17 +240,20 @@ def part_gguf(s, result, save, only, peer_python: Path, threads: int) -> None:
                                             "quantize_s": ours_s})
         else:
             ours.unlink()
-        if "ppl" not in result["rows"].get(keys["mixture"], {}):
+        for key, sensitivity in ((keys["mixture"], "fisher"), (keys["mixture-output"], "output")):
+            if "ppl" in result["rows"].get(key, {}) or (only and key not in only):
+                continue
             path = work / f"lowbit-{preset}-size-mixture.gguf"
             run = quantize_to_gguf(copy.deepcopy(s.model), s.tok, path, preset, windows=s.calib, imatrix=True, source=s.info["source"],
-                                   max_bytes=target, candidates=GGUF_CANDIDATES)
+                                   max_bytes=target, candidates=GGUF_CANDIDATES, sensitivity=sensitivity)
             counts: dict[str, int] = {}
             for c in run.allocation["choices"].values():
                 counts[c] = counts.get(c, 0) + 1
-            row = {"key": keys["mixture"], "part": "gguf", "preset": preset, "label": f"lowbit mixture at {preset}'s bytes",
+            label = f"lowbit mixture at {preset}'s bytes" + (" (output error alone)" if sensitivity == "output" else " (Fisher-weighted)")
+            row = {"key": key, "part": "gguf", "preset": preset, "label": label, "sensitivity": sensitivity,
                    "quantize_s": run.quantize_seconds, "target_bytes": target,
                    "allocation": {"counts": counts, "predicted_total": run.allocation["predicted_total"]}}
-            measure(keys["mixture"], path, row)
+            measure(key, path, row)
     for p in work.iterdir():
         p.unlink()
     work.rmdir()
@@ -275,9 +279,9 @@ def plot(result: dict, n: dict) -> None:
         pts = [(all_tensor_bpw(r["bits_per_weight"], n), r["ppl"]) for r in mine if r.get("part") == "low" and r["method"] == m and "budget" not in r]
         if pts:
             ax.scatter(*zip(*pts), marker=mk, color=col, s=46, label=lab, zorder=3)
-    curve = sorted((all_tensor_bpw(r["bits_per_weight"], n), r["ppl"]) for r in mine if "budget" in r)
+    curve = sorted((all_tensor_bpw(r["bits_per_weight"], n), r["ppl"]) for r in mine if "budget" in r and r.get("sensitivity") == "fisher")
     if curve:
-        ax.plot(*zip(*curve), "-o", color="C1", ms=5, label="lowbit bit budget (GPTQ, one int width per Linear)", zorder=4)
+        ax.plot(*zip(*curve), "-o", color="C1", ms=5, label="lowbit bit budget (GPTQ, one int width per Linear, Fisher-weighted)", zorder=4)
     g = sorted((r["bpw"], r["llamacpp"]["ppl"], r["key"]) for r in mine if r.get("part") == "gguf")
     for k, (mk, col, lab) in {"llamacpp": ("x", "k", "llama.cpp preset (llama.cpp ppl)"), "imatrix": ("v", "C4", "lowbit preset + imatrix (llama.cpp ppl)"),
                               "mixture": ("*", "C5", "lowbit GGUF mixture (llama.cpp ppl)")}.items():
@@ -317,10 +321,10 @@ def markdown(result: dict, n: dict) -> str:
         setting = r["label"] + (f" ({', '.join(f'{k} x{v}' for k, v in sorted(r['allocation']['counts'].items()))})" if "allocation" in r else "")
         out.append(f"| {r['bits']} | {r['method']} | {setting} | {r['bits_per_weight']:.3f} | {all_tensor_bpw(r['bits_per_weight'], n):.3f} | "
                    f"{r['ppl']:.2f} | {r['kl']:.3f} | {r['top1']:.3f} | {r['quantize_s']:.0f} |")
-    curve = sorted((r for r in rows.values() if "budget" in r and "ppl" in r), key=lambda r: r["budget"])
+    curve = sorted((r for r in rows.values() if "budget" in r and "ppl" in r and r.get("sensitivity") == "fisher"), key=lambda r: r["budget"])
     if curve:
         out += ["", "### The bit budget over budgets (GPTQ on one of int2..int8 g64 asym per Linear)", "",
-                "| budget bits/weight | bits/weight | all tensors | layers per width | predicted output error | ppl | KL |", "|---:|---:|---:|---|---:|---:|---:|"]
+                "| budget bits/weight | bits/weight | all tensors | layers per width | predicted error | ppl | KL |", "|---:|---:|---:|---|---:|---:|---:|"]
         for r in curve:
             a = r["allocation"]
             out.append(f"| {r['budget']:.3f} | {r['bits_per_weight']:.3f} | {all_tensor_bpw(r['bits_per_weight'], n):.3f} | "
@@ -332,7 +336,7 @@ def markdown(result: dict, n: dict) -> str:
             p, k = ranks([r["allocation"]["predicted_total"] for r in curve]), ranks([r["kl"] for r in curve])
             m = len(curve)
             rho = 1 - 6 * sum((a - b) ** 2 for a, b in zip(p, k)) / (m * (m * m - 1))
-            out += ["", f"Predicted against measured: the summed output error the plan predicts and the measured KL rank the "
+            out += ["", f"Predicted against measured: the summed Fisher-weighted output error the plan predicts and the measured KL rank the "
                     f"{m} budgets with Spearman correlation {rho:.2f}."]
     g = [r for r in rows.values() if r.get("part") == "gguf" and "ppl" in r]
     if g:

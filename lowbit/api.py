@@ -133,7 +133,9 @@ def quantize(
         from .algorithms.allocate import allocate
 
         with matmul_precision("fp32"):
-            allocation = allocate(model, make_algorithm(config).config, calib, budget, progress=progress_bar("allocate bits", progress))
+            first = make_algorithm(config)
+            allocation = allocate(model, first.config, calib, budget, progress=progress_bar("allocate bits", progress),
+                                  weighted=first.fit_importance())
         config = allocation.config
     algo = make_algorithm(config)
     if config.weight is not None and is_mixture(config.weight.format):  # a llama.cpp file type: one GGML type per layer

@@ -57,7 +57,7 @@ def test_sensitivity_is_the_output_error_on_the_calibration_inputs(tiny):
     model, tok = tiny
     cal = calib(len(tok), n=3, length=16)
     config = method_config("rtn")
-    table = measure(model, config, cal, ("int2", "int4", "nf4"))
+    table = measure(model, config, cal, ("int2", "int4", "nf4"), sensitivity="output")
     name = "model.layers.1.mlp.down_proj"
     lin = model.get_submodule(name)
     X = []
@@ -75,6 +75,76 @@ def test_sensitivity_is_the_output_error_on_the_calibration_inputs(tiny):
     errs = {c: e for c, e, _ in table[name]}
     assert errs["int2"] > errs["int4"]
     assert set(input_hessians(model, {name: lin}, cal)) == {name}
+
+
+def _fisher_reference(model, name, cal):
+    """The layer's inputs and the per-output-channel sum of squared loss gradients, by
+    plain autograd with every weight trainable (as a training step would see them)."""
+    lin = model.get_submodule(name)
+    X, F = [], torch.zeros(lin.out_features, dtype=torch.float64)
+    outs = []
+    h1 = lin.register_forward_pre_hook(lambda m, a: X.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    h2 = lin.register_forward_hook(lambda m, a, o: outs.append(o))
+    for row in cal:
+        outs.clear()
+        logits = model(input_ids=row.unsqueeze(0), use_cache=False).logits[0, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum")
+        (g,) = torch.autograd.grad(loss, outs[0])
+        F += g.reshape(-1, g.shape[-1]).double().pow(2).sum(0)
+    h1.remove()
+    h2.remove()
+    return torch.cat(X), F
+
+
+def test_fisher_sensitivity_weighs_each_output_channel_by_its_squared_loss_gradient(tiny):
+    model, tok = tiny
+    cal = calib(len(tok), n=3, length=16)
+    config = method_config("rtn")
+    params = {n: p.requires_grad for n, p in model.named_parameters()}
+    table = measure(model, config, cal, ("int2", "int4"), sensitivity="fisher")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == params  # restored
+    assert all(p.grad is None for p in model.parameters())  # the pass trains nothing
+    name = "model.layers.0.self_attn.v_proj"
+    X, F = _fisher_reference(model, name, cal)
+    assert F.min() >= 0 and F.max() > 0 and not torch.allclose(F, F.mean().expand_as(F))  # not uniform
+    W = model.get_submodule(name).weight.detach()
+    for cand, err, _ in table[name]:
+        spec = config.weight_spec_for(name)
+        spec = spec.__class__(**{**spec.__dict__, "format": "int", "bits": int(cand[3:])})
+        D = W - round_to_nearest(W, spec).dequantize()
+        ref = float(((X @ D.t()).double().pow(2).sum(0) * F).sum())
+        assert err == pytest.approx(ref, rel=1e-3)
+    with pytest.raises(LowbitError, match="sensitivity must be one of"):
+        Budget(bpw=4.0, sensitivity="kl")
+
+
+def test_weighted_allocation_fits_each_candidate_with_the_importance(tiny):
+    from lowbit.formats.base import quantize_matrix
+    from lowbit.formats.names import format_of
+
+    model, tok = tiny
+    cal = calib(len(tok), n=2, length=16)
+    config = method_config("rtn", options={"imatrix": True})
+    name = "model.layers.1.mlp.up_proj"
+    plain = measure(model, config, cal, ("codebook2", "bcq2"), sensitivity="output")
+    weighted = measure(model, config, cal, ("codebook2", "bcq2"), sensitivity="output", weighted=True)
+    lin = model.get_submodule(name)
+    X = []
+    h = lin.register_forward_pre_hook(lambda m, a: X.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for row in cal:
+            model(input_ids=row.unsqueeze(0))
+    h.remove()
+    X = torch.cat(X)
+    W = lin.weight.detach()
+    for (cand, err, _), (_, err_plain, _) in zip(weighted[name], plain[name]):
+        spec = config.weight_spec_for(name)
+        spec = spec.__class__(**{**spec.__dict__, "format": cand})
+        D = W - quantize_matrix(format_of(spec), W, importance=X.pow(2).mean(0)).dequantize()
+        assert err == pytest.approx(float((X @ D.t()).pow(2).sum()), rel=1e-4)
+        assert err != err_plain
+    # the affine grid does not weigh its fit: the same error either way
+    assert measure(model, config, cal, ("int4",), weighted=True)[name] == measure(model, config, cal, ("int4",))[name]
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])

@@ -96,8 +96,8 @@ def export_gguf(
         typer.Option(
             "--max-size",
             help="A file of at most this size (100MB, 1.5GB, 300MiB) with lowbit's own mixture instead of the file "
-            "type's: each decoder Linear gets one of --candidates, chosen for the least predicted loss (its output "
-            "error on the calibration windows, a knapsack over the exact bytes), quantized with --imatrix (implied) "
+            "type's: each decoder Linear gets one of --candidates, chosen for the least predicted loss (see "
+            "--sensitivity; a knapsack over the exact bytes), quantized with --imatrix (implied) "
             "or --gptq; --type (default Q4_K_M) then types only the embedding, output and norms.",
             show_default=False,
         ),
@@ -107,6 +107,12 @@ def export_gguf(
         typer.Option("--candidates", help="GGML types --max-size chooses from, comma-separated (Q4_1/Q5_1 are left out by default: "
                      "they hold the embedded SmolLM2's own Q4_1 grid)."),
     ] = "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q4_0,Q5_0,Q8_0",
+    sensitivity: Annotated[
+        str,
+        typer.Option("--sensitivity", help="How --max-size predicts each layer's loss: 'fisher' weighs its output error on "
+                     "the calibration windows by the squared gradient of the loss per output channel (one backward pass); "
+                     "'output' counts the output error alone."),
+    ] = "fisher",
     search: Annotated[
         str,
         typer.Option(
@@ -176,10 +182,10 @@ def export_gguf(
         run = quantize_to_gguf(m, tok, output, type or "Q4_K_M", windows=windows, gptq=gptq, imatrix=imatrix, smooth=smooth,
                                search=search, source=info["source"], progress=api.progress_bar, save_imatrix=save_imatrix,
                                imatrix_dataset=calib or "wikipedia", max_bytes=max_bytes,
-                               **({"candidates": cands} if max_bytes is not None else {}))
+                               **({"candidates": cands, "sensitivity": sensitivity} if max_bytes is not None else {}))
         result, note = run.export, ""
         if max_bytes is not None:
-            note = f" (lowbit's mixture for at most {max_bytes:,} bytes; predicted output error {run.allocation['predicted_total']:.4g})"
+            note = f" (lowbit's mixture for at most {max_bytes:,} bytes; predicted {sensitivity} error {run.allocation['predicted_total']:.4g})"
         steps = f"{f' + smoothing {smooth:g}' if smooth is not None else ''}{' + imatrix' if imatrix else ''}{' + GPTQ' if gptq else ''}"
     counts = ", ".join(f"{n} {t}" for t, n in sorted(result.type_counts.items(), key=lambda kv: -kv[1]))
     out.print(

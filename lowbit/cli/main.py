@@ -154,9 +154,10 @@ def quantize(
     strict_groups: Annotated[bool, typer.Option("--strict-groups", help="Fail when the group size does not divide a layer's input width.")] = False,
     weight_format: Annotated[Optional[str], typer.Option("--format", "-f", help="Weight format: int2..int8 (the affine grid, as --bits), nf4, nf4-dq, fp4, fp4-dq (bitsandbytes; -g is the block size), bcq1..bcq4[-offset], ternary, ternary-tq1, codebook1..codebook8[-col], mixed123, billm, billm-int8 (BiLLM's binarization, for --method billm), bitnet, bitnet158 (BitNet's per-matrix 1-bit and ternary weights, for `lowbit qat`); a GGML type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: its block must divide each width), or a llama.cpp file type (Q4_K_M, Q4_K_S, Q5_K_M, Q3_K_M, Q6_K, Q2_K, ...: a GGML type per layer by llama.cpp's rules, with its fallbacks; `lowbit export gguf` of the result copies the codes). Default: the affine grid of --bits/--asym.")] = None,
     outliers: Annotated[float, typer.Option("--outliers", help="Share of each matrix's weights kept as exact float16 values (row, column, value) on top of the format, chosen by w^2 (times the Hessian diagonal with GPTQ, as SpQR/SqueezeLLM), e.g. 0.005; counted in bits per weight. rtn, gptq, awq.")] = 0.0,
-    target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", help="Automatic bit allocation: choose one of --candidates per decoder Linear so that their exact average bits per weight is at most this, with the least predicted loss (each layer's output error on the calibration data under each candidate; a Lagrangian solve), then run the method with that plan. Predictions and choices go to report.json.", show_default=False)] = None,
+    target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", help="Automatic bit allocation: choose one of --candidates per decoder Linear so that their exact average bits per weight is at most this, with the least predicted loss (see --sensitivity; a knapsack over the exact bytes), then run the method with that plan. Predictions and choices go to report.json.", show_default=False)] = None,
     max_size: Annotated[Optional[str], typer.Option("--max-size", help="As --target-bpw, with a size for the quantized Linears' stored bytes: 40MB, 1.5GB, 300MiB (KB/MB/GB powers of 1000, KiB/MiB/GiB of 1024).", show_default=False)] = None,
     candidates: Annotated[str, typer.Option("--candidates", help="Formats --target-bpw/--max-size choose from, comma-separated (int<k> is the affine grid with this run's group size and symmetry; nf4, bcq3, Q4_K, ... also).")] = "int2,int3,int4,int5,int6,int8",
+    sensitivity: Annotated[str, typer.Option("--sensitivity", help="How --target-bpw/--max-size predict each layer's loss under a candidate: 'fisher' weighs its output error on the calibration data by the squared gradient of the loss per output channel (one backward pass; the empirical Fisher); 'output' counts the output error alone.")] = "fisher",
     no_weights: Annotated[bool, typer.Option("--no-weights", help="Keep weights in float32 and quantize only activations (needs --act-bits).")] = False,
     act_bits: Annotated[Optional[int], typer.Option("--act-bits", help="Activation bits for the input of every quantized Linear; 0 leaves activations in float. Default: the method's (8 for smoothquant, llm-int8, zeroquant; float for the others).", show_default=False)] = None,
     act: Annotated[str, typer.Option("--act", help="Activation scales: 'dynamic' (computed per input at run time) or 'static' (fixed from calibration data).")] = "dynamic",
@@ -217,7 +218,7 @@ def quantize(
         if target_bpw is not None and max_size is not None:
             raise LowbitError("give --target-bpw or --max-size, not both")
         budget = Budget(bpw=target_bpw, bytes=None if max_size is None else parse_size(max_size),
-                        candidates=tuple(c for c in candidates.split(",") if c.strip()))
+                        candidates=tuple(c for c in candidates.split(",") if c.strip()), sensitivity=sensitivity)
     others = [api.comparison_config(c, config) for c in compare]
     for c in others:
         api.make_algorithm(c)
@@ -249,7 +250,7 @@ def quantize(
         for c in a["choices"].values():
             counts[c] = counts.get(c, 0) + 1
         out.print(f"bit allocation: {a['bits_per_weight']:.3f} bits/weight ({a['bytes'] / 1e6:.2f} MB) as "
-                  + ", ".join(f"{n} x {c}" for c, n in sorted(counts.items())) + f"; predicted output error {a['predicted_total']:.4g}",
+                  + ", ".join(f"{n} x {c}" for c, n in sorted(counts.items())) + f"; predicted {a['sensitivity']} error {a['predicted_total']:.4g}",
                   highlight=False, soft_wrap=True)
     if evaluate:
         q = api.evaluate_model(m, eval_w, protocol, reference, progress=not quiet, desc="evaluate quantized")

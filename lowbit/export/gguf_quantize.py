@@ -92,7 +92,7 @@ def quantize_to_gguf(model, tokenizer, out: str | Path, file_type: str, *, windo
                      gptq: bool = False, imatrix: bool = False, smooth: float | None = None, search: str = "weighted",
                      source: dict | None = None, progress=None, save_imatrix: str | Path | None = None,
                      imatrix_dataset: str = "wikipedia", max_bytes: int | None = None,
-                     candidates: tuple[str, ...] = MIXTURE_CANDIDATES) -> GGUFRun:
+                     candidates: tuple[str, ...] = MIXTURE_CANDIDATES, sensitivity: str = "fisher") -> GGUFRun:
     """Steps 1-3 above on a float ``model`` (changed in place). windows: calibration
     windows, needed by gptq, imatrix and smooth. progress: a factory desc -> iterable
     wrapper (api.progress_bar), or None.
@@ -102,7 +102,8 @@ def quantize_to_gguf(model, tokenizer, out: str | Path, file_type: str, *, windo
     whole file takes at most this many bytes; ``file_type`` then types only the other
     tensors. The bytes those take (metadata, embedding, output, norms) are measured by
     writing the file type's file once beside ``out``. Needs gptq or imatrix (the method
-    run on the chosen types)."""
+    run on the chosen types). sensitivity: the bit budget's estimate of each layer's loss
+    (algorithms.allocate: "fisher" or "output")."""
     from .. import api
     from ..algorithms.base import method_config
     from ..nn.qlinear import QuantLinear
@@ -137,7 +138,7 @@ def quantize_to_gguf(model, tokenizer, out: str | Path, file_type: str, *, windo
         if not (gptq or imatrix):
             raise LowbitError("a size-budgeted GGUF mixture runs --imatrix or --gptq on the chosen types; give one")
         return _sized_mixture(model, tokenizer, Path(out), p.name, windows, gptq, max_bytes, tuple(candidates), search, source,
-                              progress, run)
+                              progress, run, sensitivity)
     if gptq or imatrix:
         run.method = "gptq" if gptq else "rtn"
         options = {} if gptq else {"imatrix": True}
@@ -176,7 +177,8 @@ def export_checkpoint_gguf(model, tokenizer, meta: dict, out: str | Path, file_t
 
 
 def _sized_mixture(model, tokenizer, out: Path, file_type: str, windows, gptq: bool, max_bytes: int,
-                   candidates: tuple[str, ...], search: str, source, progress, run: GGUFRun) -> GGUFRun:
+                   candidates: tuple[str, ...], search: str, source, progress, run: GGUFRun,
+                   sensitivity: str = "fisher") -> GGUFRun:
     import tempfile
 
     from .. import api
@@ -198,7 +200,7 @@ def _sized_mixture(model, tokenizer, out: Path, file_type: str, windows, gptq: b
     config = method_config(run.method, weight={"format": candidates[0]}, options={} if gptq else {"imatrix": True},
                            calib_precision="fp32")
     report = api.quantize(model, config, windows, progress=progress is not None,
-                          budget=Budget(bytes=max_bytes - overhead, candidates=candidates))
+                          budget=Budget(bytes=max_bytes - overhead, candidates=candidates, sensitivity=sensitivity))
     run.quantize_seconds, run.allocation = report.seconds, report.allocation
     run.export = gguf_writer.export_gguf(model, tokenizer, out, file_type, source=source, progress=bar("write mixture"),
                                          prequantized=stored_ggml(model), search=search, plan_imatrix=False, own_types=True)
