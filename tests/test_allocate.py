@@ -53,6 +53,17 @@ def test_solve_fits_and_equals_the_exhaustive_optimum(seed):
         solve(table, total_min - 1)
 
 
+def layer_inputs(model, lin, cal):
+    """Every input row the Linear ``lin`` sees over the windows ``cal`` (float model)."""
+    X = []
+    h = lin.register_forward_pre_hook(lambda m, a: X.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for row in cal:
+            model(input_ids=row.unsqueeze(0))
+    h.remove()
+    return torch.cat(X)
+
+
 def test_sensitivity_is_the_output_error_on_the_calibration_inputs(tiny):
     model, tok = tiny
     cal = calib(len(tok), n=3, length=16)
@@ -60,13 +71,7 @@ def test_sensitivity_is_the_output_error_on_the_calibration_inputs(tiny):
     table = measure(model, config, cal, ("int2", "int4", "nf4"), sensitivity="output")
     name = "model.layers.1.mlp.down_proj"
     lin = model.get_submodule(name)
-    X = []
-    h = lin.register_forward_pre_hook(lambda m, a: X.append(a[0].reshape(-1, a[0].shape[-1])))
-    with torch.no_grad():
-        for row in cal:
-            model(input_ids=row.unsqueeze(0))
-    h.remove()
-    X = torch.cat(X)
+    X = layer_inputs(model, lin, cal)
     for cand, err, _ in table[name]:
         spec = config.weight_spec_for(name)
         spec = spec.__class__(**{**spec.__dict__, **({"format": "int", "bits": int(cand[3:])} if cand.startswith("int") else {"format": cand})})
@@ -129,13 +134,7 @@ def test_weighted_allocation_fits_each_candidate_with_the_importance(tiny):
     plain = measure(model, config, cal, ("codebook2", "bcq2"), sensitivity="output")
     weighted = measure(model, config, cal, ("codebook2", "bcq2"), sensitivity="output", weighted=True)
     lin = model.get_submodule(name)
-    X = []
-    h = lin.register_forward_pre_hook(lambda m, a: X.append(a[0].reshape(-1, a[0].shape[-1])))
-    with torch.no_grad():
-        for row in cal:
-            model(input_ids=row.unsqueeze(0))
-    h.remove()
-    X = torch.cat(X)
+    X = layer_inputs(model, lin, cal)
     W = lin.weight.detach()
     for (cand, err, _), (_, err_plain, _) in zip(weighted[name], plain[name]):
         spec = config.weight_spec_for(name)
