@@ -79,17 +79,31 @@ class QuantReport:
         return asdict(self)
 
 
-def load(spec: str, verify: bool = True):
+def load(spec: str, verify: bool = True, kernel: str = "reference"):
     """(model, tokenizer, info) for a model spec or a lowbit checkpoint folder.
 
     info["source"] describes the unquantized model (for checkpoints: the one it was made
     from); info["checkpoint"] holds the checkpoint's metadata when MODEL is one. verify=False
-    skips the content-hash check of a checkpoint's tensors."""
+    skips the content-hash check of a checkpoint's tensors. kernel="int4", "int8" or "auto"
+    (each layer on the first of int4, int8 it can run) puts a checkpoint's layers on that
+    compute path with their weights held packed only (the
+    unpacked codes are freed: such a model runs and generates, but cannot be quantized
+    again or saved); layers the kernel cannot run stay on the reference path."""
+    from .nn import KERNELS, set_kernel
+
+    if kernel not in KERNELS + ("auto",):
+        raise LowbitError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}, or auto")
     if is_lowbit_checkpoint(Path(spec)):
         model, tokenizer, meta = load_checkpoint(spec, verify=verify)
-        return model, tokenizer, {"source": meta.get("source", {}), "checkpoint": meta}
-    model, tokenizer, source = load_model(spec)
-    return model, tokenizer, {"source": source.to_dict(), "checkpoint": None}
+        info = {"source": meta.get("source", {}), "checkpoint": meta, "kernel": kernel}
+    else:
+        if kernel not in ("reference", "auto"):
+            raise LowbitError(f"{spec} is not a lowbit checkpoint; the {kernel} kernel runs quantized checkpoints only")
+        model, tokenizer, source = load_model(spec)
+        info = {"source": source.to_dict(), "checkpoint": None, "kernel": "reference"}  # a float model: auto is the reference
+    if info["kernel"] != "reference":
+        set_kernel(model, kernel, keep_codes=False)
+    return model, tokenizer, info
 
 
 def prepare_windows(tokenizer, protocol: Protocol = Protocol(), data: str | None = None, calib: str | None = None):

@@ -1,4 +1,5 @@
-"""The ``lowbit`` command line: quantize, eval, inspect, memory, methods.
+"""The ``lowbit`` command line: quantize, eval, inspect, memory, methods (and, registered
+below: export, activations, qat, generate, chat).
 
 Every command turns a LowbitError into one line on stderr (``error: ...``) and exit code 2.
 """
@@ -312,7 +313,7 @@ def eval_cmd(
     bos: BosOpt = "auto",
     reference: Annotated[bool, typer.Option("--reference/--no-reference", help="Compare against the unquantized model (KL, top-1): for a checkpoint, its source model, loaded if its reference is not cached.")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result to this JSON file.")] = None,
-    kernel: Annotated[str, typer.Option("--kernel", help="Compute path of a quantized checkpoint: reference (dequantize, float matmul) or int8 (int8 x int8 -> int32 products where weights and activations are both quantized).")] = "reference",
+    kernel: Annotated[str, typer.Option("--kernel", help="Compute path of a quantized checkpoint: reference (dequantize, float matmul), int8 (int8 x int8 -> int32 products where weights and activations are both quantized), int4 (weights of at most 4 bits packed, torch's CPU int4 matmul, bfloat16 activations) or auto (each layer on the first of int4, int8 it can run).")] = "reference",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the content-hash check of a checkpoint's tensors.")] = False,
 ) -> None:
@@ -433,11 +434,14 @@ def methods(
 def _add_subcommands() -> None:
     from .activations import activations
     from .export import export_app
+    from .generate import chat, generate
     from .qat import qat
 
     app.add_typer(export_app, name="export")
     app.command("activations")(activations)
     app.command("qat")(qat)
+    app.command("generate")(generate)
+    app.command("chat")(chat)
 
 
 _add_subcommands()

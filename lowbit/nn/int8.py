@@ -37,7 +37,6 @@ from ..errors import LowbitError
 from ..formats.activations import act_grid, dynamic_qparams, outlier_columns
 from ..formats.weights import QuantizedWeight, default_g_idx
 
-KERNELS = ("reference", "int8")
 # int32 products of int8 operands are exact while 128 * 128 * n < 2**31
 MAX_INT_MM_COLUMNS = 2**31 // (128 * 128) - 1
 # the four correction terms together stay below 2**31 while 4 * 128 * 128 * n < 2**31

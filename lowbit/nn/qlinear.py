@@ -9,7 +9,12 @@ when a checkpoint is written (``lowbit.export.checkpoint``). Biases stay in floa
 
 ``set_kernel(model, "int8")`` (or ``with use_kernel(model, "int8")``) switches the layers
 that quantize both weights and activations to real int8 x int8 -> int32 products
-(``lowbit.nn.int8``); the kernel is a run-time choice, not part of the state dict.
+(``lowbit.nn.int8``); ``set_kernel(model, "int4")`` runs weights of at most 4 bits packed,
+two codes per byte, through torch's CPU int4 matmul (``lowbit.nn.int4``). The kernel is a
+run-time choice, not part of the state dict. ``set_kernel(..., keep_codes=False)`` drops
+the unpacked codes once the packed copy exists, so the model holds its weights at their
+packed size (what ``lowbit.load(..., kernel=...)`` does for generation); such a layer can
+no longer go back to the reference path or be saved.
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ from ..formats.activations import fake_quantize_act
 from ..formats.integer import torch_dtype
 from ..errors import LowbitError
 from ..formats.weights import QuantizedWeight, default_g_idx, grid_of
+from . import int4 as int4_path
 from . import int8 as int8_path
+
+KERNELS = ("reference", "int8", "int4")
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +72,10 @@ class QuantLinear(nn.Module):
         if aspec is not None and not aspec.dynamic:
             self.register_buffer("act_scale", torch.ones(()))
             self.register_buffer("act_zero", torch.zeros(()))
-        self.kernel = "reference"  # or "int8": see set_kernel
+        self.kernel = "reference"  # or "int8", "int4": see set_kernel
         self._int8 = None  # (state key, Int8Weight) while the int8 kernel is in use
+        self._int4 = None  # (state key, Int4Weight) while the int4 kernel is in use
+        self.packed_only = False  # the unpacked codes were dropped after packing (keep_codes=False)
 
     @classmethod
     def from_linear(
@@ -102,6 +112,11 @@ class QuantLinear(nn.Module):
 
     def quantized_weight(self) -> QuantizedWeight:
         assert self.wspec is not None
+        if self.packed_only:
+            raise LowbitError(
+                f"this layer keeps only its packed {self.kernel} weights (loaded with keep_codes=False); "
+                "load the checkpoint again with the reference kernel to read its codes"
+            )
         if self.holds_format:
             raise LowbitError(f"this layer holds {self.wspec.format} weights, not an integer grid")
         return QuantizedWeight(
@@ -135,6 +150,8 @@ class QuantLinear(nn.Module):
 
     def _state_key(self) -> tuple:
         # in-place changes bump a tensor's _version, so a stale cache is never used
+        if self.packed_only:
+            return ("packed",)
         if self.holds_format:
             return (id(self.encoded),)
         ts = [self.codes, self.scales, self.g_idx] + ([self.zeros] if hasattr(self, "zeros") else [])
@@ -152,13 +169,53 @@ class QuantLinear(nn.Module):
             self._int8 = (key, int8_path.prepare_weight(self.quantized_weight()))
         return self._int8[1]
 
+    def int4_unsupported(self) -> str | None:
+        """Why this layer cannot use the int4 kernel (None: it can)."""
+        if self.holds_format:
+            return f"{self.wspec.format} weights are not an integer grid"
+        return int4_path.unsupported_reason(None if self.wspec is None else self.quantized_weight())
+
+    def int4_weight(self) -> int4_path.Int4Weight:
+        key = self._state_key()
+        if self._int4 is None or self._int4[0] != key:
+            self._int4 = (key, int4_path.prepare_weight(self.quantized_weight()))
+        return self._int4[1]
+
+    def drop_codes(self) -> None:
+        """Free the unpacked codes, scales and zero points; only the packed copy of the
+        current kernel remains (see set_kernel's keep_codes)."""
+        if self.kernel == "int8":
+            self.int8_weight()
+        elif self.kernel == "int4":
+            self.int4_weight()
+        else:
+            raise LowbitError("only a layer on a packed kernel (int8, int4) can drop its codes")
+        for name in ("codes", "scales", "zeros", "g_idx"):
+            self._buffers.pop(name, None)
+        self._dequant_cache = None
+        self.packed_only = True
+        key = ("packed",)
+        self._int8 = None if self._int8 is None else (key, self._int8[1])
+        self._int4 = None if self._int4 is None else (key, self._int4[1])
+
     def _dequant_columns(self, cols: torch.Tensor) -> torch.Tensor:
         """Dequantized weight columns [out, n_cols] (LLM.int8()'s outlier columns)."""
         q = self.quantized_weight()
         g = q.g_idx[cols].long()
         return (q.codes[:, cols].float() - q.zero_points()[:, g]) * q.scale.float()[:, g]
 
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aspec is None:
+            return x
+        if self.aspec.dynamic:
+            return fake_quantize_act(x, self.aspec)
+        return fake_quantize_act(x, self.aspec, self.act_scale, self.act_zero)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "int4":
+            # weight-only kernel: quantized activations are rounded as on the reference path
+            y = int4_path.int4_matmul(self._quantize_input(x), self.int4_weight()).to(x.dtype)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
         if self.kernel == "int8":
             static = self.aspec is not None and not self.aspec.dynamic
             y = int8_path.int8_matmul(
@@ -168,11 +225,7 @@ class QuantLinear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias
             return y.to(x.dtype)
-        if self.aspec is not None:
-            if self.aspec.dynamic:
-                x = fake_quantize_act(x, self.aspec)
-            else:
-                x = fake_quantize_act(x, self.aspec, self.act_scale, self.act_zero)
+        x = self._quantize_input(x)
         w = self.dequantized_weight().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
@@ -185,34 +238,70 @@ class QuantLinear(nn.Module):
         return ", ".join(parts)
 
 
-def set_kernel(model: nn.Module, kernel: str) -> list[str]:
+def set_kernel(model: nn.Module, kernel: str, keep_codes: bool = True) -> list[str]:
     """Select the compute path of every QuantLinear in ``model``: "reference" (dequantize,
-    float matmul) or "int8" (integer products, see lowbit.nn.int8). Layers that cannot
-    run int8 (float weights, float activations, activation groups, act-order groups) stay
-    on the reference path, with a logged note. Returns the names of the layers switched."""
-    if kernel not in int8_path.KERNELS:
-        raise LowbitError(f"unknown kernel {kernel!r}; expected one of {', '.join(int8_path.KERNELS)}")
+    float matmul), "int8" (integer products where weights and activations are both
+    quantized, see lowbit.nn.int8) or "int4" (weights of at most 4 bits kept packed, torch's
+    CPU int4 matmul, see lowbit.nn.int4). Layers a kernel cannot run stay on the reference
+    path, with a logged note. keep_codes=False frees the unpacked codes of the switched
+    layers (the model then holds them packed only). kernel="auto" gives each layer the first
+    of int4, int8 it can run (else the reference). Returns the names of the layers switched."""
+    if kernel == "auto":
+        return _set_auto(model, keep_codes)
+    if kernel not in KERNELS:
+        raise LowbitError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}, or auto")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise LowbitError("the model has no quantized layers to run on a kernel")
+    packed = [n for n, m in layers.items() if m.packed_only and m.kernel != kernel]
+    if packed:
+        raise LowbitError(f"layer {packed[0]} keeps only its packed {layers[packed[0]].kernel} weights; it cannot switch to {kernel}")
     switched, refused = [], {}
     for name, m in layers.items():
-        reason = m.int8_unsupported() if kernel == "int8" else None
+        reason = {"int8": m.int8_unsupported, "int4": m.int4_unsupported}.get(kernel, lambda: None)()
         if reason is None:
             m.kernel = kernel
             switched.append(name)
         else:
-            m.kernel, m._int8 = "reference", None
+            m.kernel = "reference"
             refused[name] = reason
-    if kernel == "reference":
-        for m in layers.values():
+        if m.kernel != "int8":
             m._int8 = None
+        if m.kernel != "int4":
+            m._int4 = None
     if refused:
         first = next(iter(refused.items()))
         if not switched:
-            raise LowbitError(f"no layer can use the int8 kernel: {first[0]}: {first[1]}")
+            raise LowbitError(f"no layer can use the {kernel} kernel: {first[0]}: {first[1]}")
         log.info("%d layers stay on the reference path (e.g. %s: %s)", len(refused), *first)
+    if not keep_codes and kernel != "reference":
+        for name in switched:
+            layers[name].drop_codes()
     return switched
+
+
+def _set_auto(model: nn.Module, keep_codes: bool) -> list[str]:
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        raise LowbitError("the model has no quantized layers to run on a kernel")
+    switched = []
+    for name, m in layers.items():
+        kernel = next((k for k, why in (("int4", m.int4_unsupported), ("int8", m.int8_unsupported)) if why() is None), "reference")
+        if m.packed_only and m.kernel != kernel:
+            raise LowbitError(f"layer {name} keeps only its packed {m.kernel} weights; it cannot switch to {kernel}")
+        set_kernel(m, kernel, keep_codes=keep_codes)
+        if kernel != "reference":
+            switched.append(name)
+    return switched
+
+
+def kernel_counts(model: nn.Module) -> dict[str, int]:
+    """How many QuantLinear layers run on each kernel."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            counts[m.kernel] = counts.get(m.kernel, 0) + 1
+    return counts
 
 
 @contextlib.contextmanager
@@ -226,6 +315,8 @@ def use_kernel(model: nn.Module, kernel: str) -> Iterator[list[str]]:
             m.kernel = k
             if k != "int8":
                 m._int8 = None
+            if k != "int4":
+                m._int4 = None
 
 
 @contextlib.contextmanager
