@@ -39,7 +39,7 @@ from .export.checkpoint import load_checkpoint, quant_layers, save_checkpoint
 from .export.gguf_plan import plan_config
 from .formats.memory import weight_storage
 from .formats.names import is_mixture
-from .models.loader import is_lowbit_checkpoint, load_model
+from .models.loader import is_lowbit_checkpoint, load_model, release_free_memory
 from .runner import run_blocks
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,8 @@ def load(spec: str, verify: bool = True, kernel: str = "reference"):
         info = {"source": source.to_dict(), "checkpoint": None, "kernel": "reference"}  # a float model: auto is the reference
     if info["kernel"] != "reference":
         set_kernel(model, kernel, keep_codes=False)
+    if info["checkpoint"] is not None:
+        release_free_memory()
     return model, tokenizer, info
 
 

@@ -77,9 +77,10 @@ def generate(
     seed: int = 0,
     on_text: Callable[[str], None] | None = None,
     add_special_tokens: bool = True,
+    ignore_eos: bool = False,
 ) -> Generation:
     """Continue ``prompt``; temperature 0 is greedy decoding. ``on_text`` receives the new
-    text as it is produced."""
+    text as it is produced. ignore_eos=True always makes max_new_tokens tokens (benchmarks)."""
     if max_new_tokens < 1:
         raise LowbitError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if temperature < 0:
@@ -94,7 +95,8 @@ def generate(
     if limit is not None and ids.shape[1] + max_new_tokens > limit:
         raise LowbitError(f"prompt ({ids.shape[1]} tokens) plus --max-new-tokens {max_new_tokens} exceeds the model's {limit} positions")
     sampling = temperature > 0
-    kwargs = dict(do_sample=sampling, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+    kwargs = dict(do_sample=sampling, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                  min_new_tokens=max_new_tokens if ignore_eos else None)
     if sampling:
         kwargs |= dict(temperature=temperature, top_p=top_p, top_k=0)
     else:

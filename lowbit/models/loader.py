@@ -225,3 +225,18 @@ def check_finite(model: torch.nn.Module, what: str) -> None:
         bad = ~torch.isfinite(p)
         if bad.any():
             raise LowbitError(f"model {what}: tensor {name} has {int(bad.sum())} NaN/inf values")
+
+
+def release_free_memory() -> None:
+    """Hand memory that Python and torch have freed back to the operating system (glibc's
+    malloc_trim). Loading a checkpoint frees several copies of its tensors (the file's,
+    the unpacked codes) in pieces the allocator would otherwise keep as resident memory;
+    a no-op where the C library has no malloc_trim."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
