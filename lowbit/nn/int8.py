@@ -123,8 +123,11 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     pm, pk, pn = max(24, _ceil8(m)), _ceil8(k), _ceil8(n)
     ap = torch.zeros(pm, pk, dtype=torch.int8)
     ap[:m, :k] = a
-    bp = torch.zeros(pk, pn, dtype=torch.int8)
-    bp[:k, :n] = b
+    if (pk, pn) == (k, n):
+        bp = b  # only the row count needed padding: the weight is used as it is, not copied
+    else:
+        bp = torch.zeros(pk, pn, dtype=torch.int8)
+        bp[:k, :n] = b
     return torch._int_mm(ap, bp)[:m, :n]
 
 
