@@ -20,8 +20,9 @@ What it measures:
   tokens/s (one 512-token forward pass, best of 3);
 - rows: transformers in float32 and bfloat16; lowbit checkpoints loaded with
   ``lowbit.load(path, kernel="auto")``: RTN W4 g64 asym (packed, int4 kernel), RTN W8A8
-  (int8 kernel), NF4 and ternary (no packed kernel for these formats yet: the reference
-  path, dequantize then float matmul, each call); llama.cpp (llama-cpp-python from
+  (int8 kernel), ternary g64 (its levels are affine in the code, so the int4 kernel holds
+  it: 4-bit codes, not a 2-bit table-lookup kernel) and NF4 (no packed kernel for it yet:
+  the reference path, dequantize then float matmul, each call); llama.cpp (llama-cpp-python from
   benchmarks/peers/setup_llamacpp.sh, its own venv) on lowbit's Q4_0, Q4_K_M, Q8_0 and
   TQ2_0 files of the same model.
 
@@ -56,7 +57,7 @@ ROWS = {
     "lowbit-w4": ("lowbit RTN W4 g64 asym, int4 kernel", "lowbit", "w4"),
     "lowbit-w8a8": ("lowbit RTN W8A8 (per-channel weights, per-token activations), int8 kernel", "lowbit", "w8a8"),
     "lowbit-nf4": ("lowbit NF4 (block 64), reference path", "lowbit", "nf4"),
-    "lowbit-ternary": ("lowbit ternary g64, reference path", "lowbit", "ternary"),
+    "lowbit-ternary": ("lowbit ternary g64, int4 kernel (trits held as 4-bit codes)", "lowbit", "ternary"),
     "llamacpp-Q4_0": ("llama.cpp, lowbit's Q4_0 file", "gguf", "Q4_0"),
     "llamacpp-Q4_K_M": ("llama.cpp, lowbit's Q4_K_M file", "gguf", "Q4_K_M"),
     "llamacpp-Q8_0": ("llama.cpp, lowbit's Q8_0 file", "gguf", "Q8_0"),

@@ -138,3 +138,32 @@ def test_a_checkpoint_loads_packed_and_generates_like_the_reference(tiny_dir, tm
     assert gen.shape == (1, 9)
     with pytest.raises(LowbitError, match="unknown kernel"):
         lowbit.load(str(out), kernel="cuda")
+
+
+@pytest.mark.parametrize("fmt", ["ternary", "bitnet", "bitnet158"])
+def test_affine_formats_run_on_the_int4_kernel(fmt):
+    from lowbit.formats.names import round_to_nearest
+
+    spec = WeightSpec(format=fmt, group_size=None if fmt.startswith("bitnet") else 64)
+    lin = torch.nn.Linear(192, 48)
+    enc = round_to_nearest(lin.weight.detach(), spec)
+    m = QuantLinear.from_linear(lin, enc, spec)
+    x = _x(192)
+    ref = m(x)
+    got64 = int4_matmul(x, prepare_weight(enc)).double()
+    plain = int4_reference(x, enc)
+    assert bool(((got64 - plain).abs() <= 2**-7 * plain.abs() + 1e-3 * float(plain.abs().max())).all())
+    # the kernel's reference decodes the same levels as the format itself
+    assert torch.allclose(int4_reference(torch.eye(192), enc).t().float(), enc.dequantize(), rtol=2**-7, atol=1e-6)
+    set_kernel(m, "int4", keep_codes=False)
+    assert m.packed_only and m.encoded is None
+    assert float((m(x) - ref).norm() / ref.norm()) < 5e-3
+
+
+def test_formats_without_affine_levels_say_why():
+    spec = WeightSpec(format="nf4", group_size=64)
+    from lowbit.formats.names import round_to_nearest
+
+    lin = torch.nn.Linear(128, 32)
+    m = QuantLinear.from_linear(lin, round_to_nearest(lin.weight.detach(), spec), spec)
+    assert "not affine" in m.int4_unsupported()

@@ -82,6 +82,12 @@ class WeightFormat:
     scale_keys: ClassVar[tuple[str, ...]] = ()
     group_size: int | None = 64
 
+    def affine(self, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(scale, zero, bits) when every value of ``enc`` is (code - zero) * scale per (row,
+        group), scale and zero float32 [rows, n_groups], codes below 2**bits; None when the
+        levels are not affine in the code. Kernels for integer grids run such weights."""
+        return None
+
     # --- per-group math: subclasses ---------------------------------------------------
 
     def fit(self, wg: torch.Tensor, mask: torch.Tensor | None = None, importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -69,6 +69,14 @@ class BitNet(WeightFormat):
         lv = self.levels(params).expand(codes.shape[0], codes.shape[1], -1)
         return torch.gather(lv, 2, codes.long())
 
+    def affine(self, enc):
+        rows = enc.codes.shape[0]
+        if self.ternary:  # gamma·(code - 1)
+            g = enc.params["gamma"].float().reshape(1, 1).expand(rows, 1).contiguous()
+            return g, torch.ones_like(g), 2
+        b = enc.params["beta"].float().reshape(1, 1).expand(rows, 1).contiguous()  # beta·(2·code - 1)
+        return 2 * b, torch.full_like(b, 0.5), 1
+
     def pack(self, enc: Encoded) -> dict[str, torch.Tensor]:
         keys = ("gamma",) if self.ternary else ("beta", "alpha")
         return {"qweight": pack(enc.codes, 2 if self.ternary else 1), **{k: enc.params[k].contiguous() for k in keys}}

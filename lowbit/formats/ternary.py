@@ -83,6 +83,10 @@ class Ternary(WeightFormat):
     def decode(self, codes, params):
         return (codes.float() - 1) * params["alpha"].float().unsqueeze(-1)
 
+    def affine(self, enc):
+        alpha = enc.params["alpha"].float()
+        return alpha, torch.ones_like(alpha), 2
+
     def pack(self, enc: Encoded) -> dict[str, torch.Tensor]:
         q = pack(enc.codes, 2) if self.packing == "2bit" else pack_trits(enc.codes)
         return {"qweight": q, "alpha": enc.params["alpha"].contiguous()}

@@ -8,7 +8,8 @@ AVX2/AVX512 with bfloat16 operands). That kernel dequantizes a code c of group s
 
     w = (c - 8) * scale[k] + offset[k]
 
-so lowbit's affine weight (q - z) * s is the same number with c = q + d, scale = s and
+so an affine weight (q - z) * s (lowbit's integer grids; ternary and BitNet weights,
+whose levels are affine in their codes: ``WeightFormat.affine``) is the same number with c = q + d, scale = s and
 offset = (8 - z - d) * s for any shift d that keeps c within 0..15. Any grid of at most 4
 bits fits. Each group's shift is the integer nearest 8 - z that the code width allows (0
 for 4-bit codes; up to 12 for 2-bit ones), so the offset stays small and its bfloat16
@@ -38,11 +39,40 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LowbitError
+from ..formats.base import Encoded
 from ..formats.weights import QuantizedWeight
 
 KERNEL_GROUPS = (256, 128, 64, 32)
 ROW_MULTIPLE = 16
 COMPUTE_DTYPE = torch.bfloat16
+
+
+@dataclass
+class AffineView:
+    """A weight whose every value is (code - zero) * scale per (row, group): what the kernel
+    can hold. Integer grids are such weights, and so are formats of the family whose levels
+    are affine in the code (ternary, BitNet's binary and ternary weights)."""
+
+    codes: torch.Tensor  # [out, in] uint8, values below 2**bits
+    scale: torch.Tensor  # [out, n_groups] float32
+    zero: torch.Tensor  # [out, n_groups] float32 (need not be an integer)
+    g_idx: torch.Tensor  # [in]
+    bits: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @classmethod
+    def of(cls, weight: QuantizedWeight | Encoded) -> AffineView | None:
+        """The affine view of an integer grid or a format's weight (None: not affine)."""
+        if isinstance(weight, QuantizedWeight):
+            return cls(weight.codes, weight.scale.float(), weight.zero_points(), weight.g_idx, weight.grid.bits)
+        affine = weight.fmt.affine(weight)
+        if affine is None:
+            return None
+        scale, zero, bits = affine
+        return cls(weight.codes, scale, zero, weight.g_idx, bits)
 
 
 @dataclass
@@ -63,12 +93,15 @@ class Int4Weight:
         return self.packed.numel() + self.scale_offset.numel() * self.scale_offset.element_size() + extra
 
 
-def unsupported_reason(qweight: QuantizedWeight | None) -> str | None:
+def unsupported_reason(weight: QuantizedWeight | Encoded | None) -> str | None:
     """Why a layer cannot run on the int4 path (None: it can)."""
-    if qweight is None:
+    if weight is None:
         return "its weights are float (only activations are quantized)"
-    if qweight.grid.bits > 4:
-        return f"its weights have {qweight.grid.bits} bits (the int4 kernel holds at most 4)"
+    view = AffineView.of(weight)
+    if view is None:
+        return f"{weight.fmt.describe()} weights are not affine in their codes (no packed kernel for them yet)"
+    if view.bits > 4:
+        return f"its weights have {view.bits} bits (the int4 kernel holds at most 4)"
     return None
 
 
@@ -89,15 +122,16 @@ def _layout(g_idx: torch.Tensor, n_groups: int) -> tuple[int, torch.Tensor, torc
     return slot, order, dest, slot_group, int(padded.sum())
 
 
-def _shift(qweight: QuantizedWeight) -> torch.Tensor:
+def _shift(w: AffineView) -> torch.Tensor:
     """Per (row, group) code shift d (see the module notes), as float."""
-    return torch.clamp(torch.round(8.0 - qweight.zero_points()), 0, 16 - 2**qweight.grid.bits)
+    return torch.clamp(torch.round(8.0 - w.zero), 0, 16 - 2**w.bits)
 
 
-def prepare_weight(qweight: QuantizedWeight) -> Int4Weight:
-    reason = unsupported_reason(qweight)
+def prepare_weight(weight: QuantizedWeight | Encoded) -> Int4Weight:
+    reason = unsupported_reason(weight)
     if reason is not None:
         raise LowbitError(f"the int4 kernel cannot hold this weight: {reason}")
+    qweight = AffineView.of(weight)
     n, k = qweight.shape
     n_groups = qweight.scale.shape[1]
     slot, order, dest, slot_group, k_padded = _layout(qweight.g_idx, n_groups)
@@ -107,7 +141,7 @@ def prepare_weight(qweight: QuantizedWeight) -> Int4Weight:
     codes = torch.zeros(rows, k_padded, dtype=torch.int32)
     codes[:n, dest] = (qweight.codes.to(torch.int32) + d[:, g].to(torch.int32))[:, order]
     s = qweight.scale.float()
-    offset = (8.0 - qweight.zero_points() - d) * s
+    offset = (8.0 - qweight.zero - d) * s
     so = torch.zeros(slot_group.numel(), rows, 2)
     so[:, :n, 0] = s[:, slot_group].t()
     so[:, :n, 1] = offset[:, slot_group].t()
@@ -139,12 +173,13 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     return y[:, : w.out_features].reshape(*x.shape[:-1], w.out_features)
 
 
-def int4_reference(x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor:
+def int4_reference(x: torch.Tensor, weight: QuantizedWeight | Encoded) -> torch.Tensor:
     """What the kernel computes, written plainly: the input, each weight's scale and
     offset rounded to bfloat16 as the kernel stores them, then an exact float64 product."""
+    qweight = AffineView.of(weight)
     d = _shift(qweight)
     s = qweight.scale.float().to(COMPUTE_DTYPE).double()
-    offset = ((8.0 - qweight.zero_points() - d) * qweight.scale.float()).to(COMPUTE_DTYPE).double()
+    offset = ((8.0 - qweight.zero - d) * qweight.scale.float()).to(COMPUTE_DTYPE).double()
     g = qweight.g_idx.long()
     w = (qweight.codes.double() + d[:, g].double() - 8.0) * s[:, g] + offset[:, g]
     return x.to(COMPUTE_DTYPE).double() @ w.t()

@@ -142,6 +142,8 @@ class QuantLinear(nn.Module):
         return self._decode()
 
     def _decode(self) -> torch.Tensor:
+        if self.packed_only:
+            self.quantized_weight()  # the one-line error: the codes are gone
         if self.holds_format:
             if self.encoded is None:
                 raise LowbitError(f"layer holding {self.wspec.format} weights has none yet")
@@ -169,16 +171,25 @@ class QuantLinear(nn.Module):
             self._int8 = (key, int8_path.prepare_weight(self.quantized_weight()))
         return self._int8[1]
 
+    def _stored_weight(self):
+        """The weight as stored: a QuantizedWeight (integer grid), an Encoded (a format of
+        the family) or None (float)."""
+        if self.wspec is None:
+            return None
+        if self.holds_format:
+            if self.packed_only:
+                self.quantized_weight()  # the one-line error
+            return self.encoded
+        return self.quantized_weight()
+
     def int4_unsupported(self) -> str | None:
         """Why this layer cannot use the int4 kernel (None: it can)."""
-        if self.holds_format:
-            return f"{self.wspec.format} weights are not an integer grid"
-        return int4_path.unsupported_reason(None if self.wspec is None else self.quantized_weight())
+        return int4_path.unsupported_reason(self._stored_weight())
 
     def int4_weight(self) -> int4_path.Int4Weight:
         key = self._state_key()
         if self._int4 is None or self._int4[0] != key:
-            self._int4 = (key, int4_path.prepare_weight(self.quantized_weight()))
+            self._int4 = (key, int4_path.prepare_weight(self._stored_weight()))
         return self._int4[1]
 
     def drop_codes(self) -> None:
@@ -192,6 +203,7 @@ class QuantLinear(nn.Module):
             raise LowbitError("only a layer on a packed kernel (int8, int4) can drop its codes")
         for name in ("codes", "scales", "zeros", "g_idx"):
             self._buffers.pop(name, None)
+        self.encoded = None
         self._dequant_cache = None
         self.packed_only = True
         key = ("packed",)
