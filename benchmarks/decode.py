@@ -37,13 +37,14 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+from common import code_version, load_rows, save_rows  # noqa: E402
 RESULTS = HERE / "results" / "decode.json"
 PEER_PYTHON = Path.home() / ".cache" / "lowbit-peers" / "llamacpp" / "bin" / "python"
 WORK = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit")) / "bench-decode"
@@ -70,13 +71,6 @@ CHECKPOINTS = {
     "nf4": ["--method", "rtn", "--format", "nf4"],
     "ternary": ["--method", "rtn", "--format", "ternary"],
 }
-
-
-def code_version() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def rss_bytes() -> int:
@@ -279,20 +273,6 @@ def prepare(keys: list[str], threads: int) -> None:
                            check=True, env=env)
 
 
-def load_results(fresh: bool) -> dict:
-    if RESULTS.exists() and not fresh:
-        return json.loads(RESULTS.read_text())
-    return {"rows": {}}
-
-
-def save_results(result: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=RESULTS.parent, prefix=".decode-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, RESULTS)
-
-
 def markdown(result: dict) -> str:
     bw = result.get("bandwidth_gbs")
     rows = result["rows"]
@@ -343,7 +323,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker_torch(args.worker, args.threads)))
         return
-    result = load_results(args.fresh)
+    result = load_rows(RESULTS, args.fresh)
     keys = [k for k in ROWS if not args.only or k in args.only]
     if keys:
         prepare(keys, args.threads)
@@ -367,7 +347,7 @@ def main() -> None:
             row = {"error": str(e)}
         row.update(key=key, label=ROWS[key][0], threads=args.threads, load_avg=os.getloadavg()[0], version=code_version())
         result["rows"][key] = row
-        save_results(result)
+        save_rows(RESULTS, result)
         print(f"decode: {key}: {row.get('decode_tokens_per_s', row.get('error'))}", file=sys.stderr, flush=True)
     if args.markdown:
         print(markdown(result))

@@ -42,6 +42,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import code_version, load_rows, save_rows  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "formats.json"
 PLOT = ROOT / "docs" / "formats-smollm2.png"
 METHODS = ("rtn", "gptq", "awq")
@@ -80,13 +82,6 @@ PEER = (
     ("bnb-nf4-dq-dequant", "nf4-dq", "dequant"),
     ("bnb-fp4-dequant", "fp4", "dequant"),
 )
-
-
-def code_version() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 class Replay(torch.nn.Module):
@@ -137,19 +132,6 @@ def run_peer(scheme: str, kernel: str, evals, ref, protocol, work: Path) -> dict
     logits.unlink()
     return dict(ppl=r.ppl, kl=r.kl, top1=r.top1, bits_per_weight=peer["bits_per_weight"], quantize_s=peer["quantize_seconds"],
                 peer_ppl=peer["ppl"], versions=peer["versions"], kernel=kernel)
-
-
-def load_results(fresh: bool) -> dict:
-    if RESULTS.exists() and not fresh:
-        return json.loads(RESULTS.read_text())
-    return {"rows": {}}
-
-
-def save_results(result: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(RESULTS)
 
 
 def best(rows: dict, bits: int) -> dict | None:
@@ -281,7 +263,7 @@ def main() -> None:
 
     s = smollm2_setup(args.threads)
     model, protocol, evals, calib, ref, base = s.model, s.protocol, s.evals, s.calib, s.ref, s.base
-    result = load_results(args.fresh)
+    result = load_rows(RESULTS, args.fresh)
     commit = code_version()
     result["meta"] = {
         "model": "smollm2-135m", "fp32_ppl": base.ppl, "threads": args.threads, "commit": commit,
@@ -303,7 +285,7 @@ def main() -> None:
             traceback.print_exc()
         row["loadavg_1m"], row["commit"] = os.getloadavg()[0], commit
         result["rows"][key] = row
-        save_results(result)
+        save_rows(RESULTS, result)
         print(json.dumps({k: row.get(k) for k in ("key", "ppl", "kl", "bits_per_weight", "quantize_s", "error")}), flush=True)
     if not args.no_peer:
         for key, scheme, kernel in PEER:
@@ -317,10 +299,10 @@ def main() -> None:
                     row["error"] = f"{type(e).__name__}: {e}"
                     traceback.print_exc()
             result["rows"][key] = row
-            save_results(result)
+            save_rows(RESULTS, result)
             print(json.dumps({k: row.get(k) for k in ("key", "ppl", "kl", "bits_per_weight", "error")}), flush=True)
     result["notes"] = notes(result["rows"])
-    save_results(result)
+    save_rows(RESULTS, result)
     if args.markdown:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from rtn import write_section

@@ -45,6 +45,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import code_version, load_rows, save_rows  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "mixed.json"
 FORMATS = ROOT / "benchmarks" / "results" / "formats.json"
 PLOT = ROOT / "docs" / "mixed-smollm2.png"
@@ -59,30 +60,6 @@ PRESETS = ("Q4_K_M", "Q3_K_M", "Q2_K")
 W2 = {"bits": 2, "group_size": 64, "symmetric": False}
 W3 = {"bits": 3, "group_size": 64, "symmetric": False, "observer": "mse"}
 CURVE = (2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
-
-
-def code_version() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def load_results(fresh: bool) -> dict:
-    if RESULTS.exists() and not fresh:
-        return json.loads(RESULTS.read_text())
-    return {"rows": {}}
-
-
-def save_results(result: dict) -> None:
-    """Write the rows, keeping rows another run of this script saved meanwhile."""
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    if RESULTS.exists():
-        on_disk = json.loads(RESULTS.read_text()).get("rows", {})
-        result["rows"] = {**on_disk, **{k: v for k, v in result["rows"].items() if "ppl" in v or k not in on_disk}}
-    tmp = RESULTS.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(RESULTS)
 
 
 def shapes(model) -> dict:
@@ -366,7 +343,7 @@ def main() -> None:
 
     s = smollm2_setup(args.threads)
     n = shapes(s.model)
-    result = load_results(args.fresh)
+    result = load_rows(RESULTS, args.fresh)
     commit = code_version()
     result["meta"] = {
         "model": "smollm2-135m", "fp32_ppl": s.base.ppl, "threads": args.threads, "commit": commit,
@@ -378,7 +355,7 @@ def main() -> None:
     def save(key, row):
         row["loadavg_1m"], row["commit"] = os.getloadavg()[0], commit
         result["rows"][key] = row
-        save_results(result)
+        save_rows(RESULTS, result, done=lambda r: "ppl" in r)
         print(json.dumps({k: row.get(k) for k in ("key", "ppl", "kl", "bits_per_weight", "bpw", "quantize_s", "error")}), flush=True)
 
     only = set(args.only or ())

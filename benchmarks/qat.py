@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import code_version  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "qat.json"
 PLOT = ROOT / "docs" / "qat-smollm2.png"
 LOWBIT = [str(Path(sys.executable).parent / "lowbit")]
@@ -40,13 +41,6 @@ RUNS = {
     "w4-gptq": ["--format", "int4", "-g", "64", "--asym", "--init", "gptq"],
     "b158": ["--format", "bitnet158", "--init", "rtn", "--lr", "1e-4"],
 }
-
-
-def code_version() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def load() -> dict:
