@@ -169,6 +169,11 @@ def test_llm_int8_in_the_runner_and_checkpoint(tiny_dir, tmp_path):
     assert info2["checkpoint"]["quantization"]["method"] == "llm-int8"
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, ref)
+    # loaded packed for generation: the layers keep the codes their outlier columns need
+    packed, _, _ = lowbit.load(str(out), kernel="auto")
+    assert all(m.kernel == "int8" and not m.packed_only for m in quant_layers(packed).values())
+    with torch.no_grad():
+        assert torch.equal(packed(input_ids=ids).logits, fast)
 
 
 def test_eval_cli_runs_a_checkpoint_on_the_int8_kernel(tiny_dir, tmp_path, cache):

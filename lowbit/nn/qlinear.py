@@ -194,8 +194,11 @@ class QuantLinear(nn.Module):
 
     def drop_codes(self) -> None:
         """Free the unpacked codes, scales and zero points; only the packed copy of the
-        current kernel remains (see set_kernel's keep_codes)."""
+        current kernel remains (see set_kernel's keep_codes). LLM.int8() layers keep their
+        codes: their outlier columns are dequantized from them at run time."""
         if self.kernel == "int8":
+            if self.aspec is not None and self.aspec.outlier_threshold is not None:
+                return  # LLM.int8()'s outlier columns are multiplied by dequantized codes at run time
             self.int8_weight()
         elif self.kernel == "int4":
             self.int4_weight()
