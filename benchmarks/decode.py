@@ -290,6 +290,7 @@ def markdown(result: dict) -> str:
         if r is None or "decode_tokens_per_s" not in r:
             lines.append(f"| {label} | n/r: {r.get('error', 'not run') if r else 'not run'} |||||||||")
             continue
+        label = r.get("label", label)  # as it was when the row ran (kernels change)
         ceiling = bw * 1e9 / r["bytes_per_token"] if bw else float("nan")
         dec = r["decode_tokens_per_s"]
         kern = ", ".join(f"{n} {k}" for k, n in sorted((r.get("kernels") or {}).items())) or ("llama.cpp" if key.startswith("llamacpp") else "torch")
