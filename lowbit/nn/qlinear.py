@@ -110,13 +110,17 @@ class QuantLinear(nn.Module):
         """Whether the weight is in a format of the family other than the affine grid."""
         return self.wspec is not None and (self.wspec.format != "int" or bool(self.wspec.outliers))
 
-    def quantized_weight(self) -> QuantizedWeight:
-        assert self.wspec is not None
+    def _require_codes(self) -> None:
+        """The one-line error for reading codes a packed-only layer no longer has."""
         if self.packed_only:
             raise LowbitError(
                 f"this layer keeps only its packed {self.kernel} weights (loaded with keep_codes=False); "
                 "load the checkpoint again with the reference kernel to read its codes"
             )
+
+    def quantized_weight(self) -> QuantizedWeight:
+        assert self.wspec is not None
+        self._require_codes()
         if self.holds_format:
             raise LowbitError(f"this layer holds {self.wspec.format} weights, not an integer grid")
         return QuantizedWeight(
@@ -142,8 +146,7 @@ class QuantLinear(nn.Module):
         return self._decode()
 
     def _decode(self) -> torch.Tensor:
-        if self.packed_only:
-            self.quantized_weight()  # the one-line error: the codes are gone
+        self._require_codes()
         if self.holds_format:
             if self.encoded is None:
                 raise LowbitError(f"layer holding {self.wspec.format} weights has none yet")
@@ -177,8 +180,7 @@ class QuantLinear(nn.Module):
         if self.wspec is None:
             return None
         if self.holds_format:
-            if self.packed_only:
-                self.quantized_weight()  # the one-line error
+            self._require_codes()
             return self.encoded
         return self.quantized_weight()
 
