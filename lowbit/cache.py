@@ -142,6 +142,27 @@ def atomic_path(final: str | os.PathLike, is_dir: bool = False) -> Iterator[Path
         raise
 
 
+@contextlib.contextmanager
+def cache_lock(entry: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock (``.{name}.lock`` beside ``entry``) while this process makes a
+    cache entry that another one might be making at the same moment: without it the second
+    would replace the first's folder while the first already reads it. Callers check for
+    the entry again once they hold the lock. No lock where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on the platforms lowbit tests
+        yield
+        return
+    entry = Path(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.parent / f".{entry.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def file_fingerprint(path: str | os.PathLike, edge: int = 1 << 20) -> str:
     """A cheap identity for a large file: size plus a hash of its first and last MiB."""
     path = Path(path)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lowbit.cache import atomic_path, check_writable
+from lowbit.cache import atomic_path, cache_lock, check_writable
 from lowbit.errors import LowbitError
 from tests.conftest import EXCERPT
 from tests.test_cli import SMALL, one_line_error, run
@@ -67,6 +67,31 @@ def test_modes_follow_the_umask(tmp_path, umask):
     assert mode(tmp_path / "folder" / "f.json") == 0o666 & ~umask
     assert mode(tmp_path / "folder" / "w.safetensors") == 0o666 & ~umask
     assert mode(tmp_path / "single.json") == 0o666 & ~umask
+
+
+def test_cache_lock_makes_a_second_maker_wait(tmp_path):
+    """Two makers of one cache entry: the second enters only after the first has left
+    (so it finds the entry made instead of replacing it under the first's reader)."""
+    import threading
+
+    order = []
+    entered = threading.Event()
+
+    def first():
+        with cache_lock(tmp_path / "entry"):
+            order.append("first in")
+            entered.set()
+            time.sleep(0.3)
+            order.append("first out")
+
+    t = threading.Thread(target=first)
+    t.start()
+    entered.wait(5)
+    with cache_lock(tmp_path / "entry"):
+        order.append("second in")
+    t.join()
+    assert order == ["first in", "first out", "second in"]
+    assert not (tmp_path / "entry").exists()  # the lock is a hidden sibling, not the entry
 
 
 def _dead_pid() -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..cache import atomic_path, cache_dir, file_fingerprint, text_hash
+from ..cache import atomic_path, cache_dir, cache_lock, file_fingerprint, text_hash
 from ..errors import LowbitError
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,9 @@ def float32_folder(spec: str) -> Path:
         return Path(source.path)
     folder = cache_dir("models") / f"{Path(source.path).stem}-{source.fingerprint}"
     if not (folder / "config.json").is_file():
-        _gguf_to_fp32_folder(Path(source.path), folder)
+        with cache_lock(folder):  # two processes starting at once make it once
+            if not (folder / "config.json").is_file():
+                _gguf_to_fp32_folder(Path(source.path), folder)
     return folder
 
 
