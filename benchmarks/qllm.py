@@ -96,7 +96,8 @@ def markdown(rows: dict[str, dict], meta: dict) -> str:
         f"smollm2-135m (fp32 perplexity {fp:.2f}); weights g64 asymmetric, activations dynamic per token asymmetric; "
         f"calibration 32 x 512 tokens from the end of the Wikipedia text, evaluation on its first 20 x 512 (README protocol). "
         f"`{meta['command']}` on {meta['machine']}, {meta['date']}. Time: the quantization call alone. "
-        "QLLM reassembles down_proj's inputs only and smooths the norm-fed inputs (alpha 0.5; see lowbit/algorithms/qllm.py).",
+        "QLLM reassembles down_proj's inputs only and smooths the norm-fed inputs (alpha 0.5; see lowbit/algorithms/qllm.py); "
+        "its threshold search fits the merges on 8 calibration windows and judges each threshold on 8 others, by each token's relative error.",
         "",
         "| setting | perplexity | vs fp32 | KL | top-1 | quantize s | threads | measured (load avg) |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
@@ -114,8 +115,11 @@ def markdown(rows: dict[str, dict], meta: dict) -> str:
             continue
         best = min(got, key=got.get)
         line = f"{b.upper()}: lowest perplexity {METHODS[best][0]} ({got[best]:.2f})"
-        if "qllm" in got and "smoothquant" in got:
-            line += f"; QLLM {'beats' if got['qllm'] < got['smoothquant'] else 'does not beat'} SmoothQuant ({got['qllm']:.2f} vs {got['smoothquant']:.2f})"
+        if "smoothquant" in got:
+            for key, what in (("qllm", "QLLM"), ("qllm-lr", "QLLM + low-rank tuning"), ("qllm-gptq", "QLLM + GPTQ")):
+                if key in got:
+                    verb = "beats" if got[key] < got["smoothquant"] else "does not beat"
+                    line += f"; {what} {verb} SmoothQuant ({got[key]:.2f} vs {got['smoothquant']:.2f})"
         if "rotate" in got and "qllm" in got:
             line += f"; the rotation {'wins over' if got['rotate'] < got['qllm'] else 'loses to'} QLLM ({got['rotate']:.2f} vs {got['qllm']:.2f})"
         missing = [m for m in METHODS if m not in got]

@@ -86,6 +86,36 @@ def test_threshold_search_beats_no_reassembly_at_w4a4():
     assert quantized_output_error(x, w, plan, ws, acts) < 0.75 * none
 
 
+def test_per_token_objective_is_not_ruled_by_one_huge_token():
+    """A token 1000x larger (an attention-sink token) multiplies the plain objective's share
+    of that token by 10^6; the per-token objective does not move (per-token activation
+    quantization scales with the token)."""
+    x, w = outlier_matrices(seed=2, n=256)
+    x, w = x.float(), w.float()
+    ws, acts = WeightSpec(bits=6, group_size=None, symmetric=False), ActSpec(bits=6)
+    plan = make_plan(x.double().t() @ x.double(), x.abs().amax(0), w, 10.0)
+    big = x.clone()
+    big[5] *= 1000
+    for p in (Plan.identity(64), plan):
+        plain, plain_big = quantized_output_error(x, w, p, ws, acts), quantized_output_error(big, w, p, ws, acts)
+        tok, tok_big = (quantized_output_error(v, w, p, ws, acts, per_token=True) for v in (x, big))
+        assert tok_big == pytest.approx(tok, rel=1e-3)
+        assert plain_big > 50 * plain
+
+
+def test_search_scores_on_the_sample_with_the_given_absmax():
+    """The thresholds come from the absmax given (all tokens), the errors from the sample."""
+    x, w = outlier_matrices(seed=1)
+    x, w = x.float(), w.float()
+    ws, acts = WeightSpec(bits=4, group_size=None, symmetric=False), ActSpec(bits=4)
+    gram = x.double().t() @ x.double()
+    absmax = x.abs().amax(0) * 2
+    plan, tried = search_threshold(x[:128], gram, w, ws, acts, absmax=absmax)
+    assert tried[0][0] == pytest.approx(float(absmax.max()))
+    assert tried[0][1] == pytest.approx(quantized_output_error(x[:128], w, Plan.identity(64), ws, acts))
+    assert min(e for _, e in tried) == pytest.approx(quantized_output_error(x[:128], w, plan, ws, acts))
+
+
 def with_mlp_outliers(tiny_dir):
     """The tiny model with outliers in down_proj's inputs (rows of up_proj x30, the same
     columns of down_proj /30: the function is unchanged), as SmolLM2 has."""

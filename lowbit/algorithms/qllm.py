@@ -86,6 +86,8 @@ class QLLMOptions:
     max_extra: float = option(0.25, "most sub-channels a layer may add, as a fraction of its width, in (0, 0.5]")
     smooth_alpha: float = option(0.5, "SmoothQuant migration strength for the norm-fed inputs (q/k/v, gate/up), in [0, 1]; 0: off")
     stat_windows: int = option(8, "calibration windows (spread over the set) the statistics and search use (0: all)")
+    search_holdout: bool = option(False, "fit the merges on half of the search's windows and judge each threshold on the other half (2 x stat_windows windows); true/false")
+    search_error: str = option("sum", "threshold search objective: sum (squared output error over tokens) or token (each token's error relative to its output norm)")
     lowrank_rank: int = option(0, "rank of the low-rank corrections tuned per Linear (0: no tuning)")
     lowrank_steps: int = option(40, "Adam steps of low-rank tuning per block (a positive integer)")
     lowrank_lr: float = option(1e-3, "low-rank tuning learning rate, in (0, 1)")
@@ -107,6 +109,8 @@ class QLLMOptions:
             raise LowbitError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha!r}")
         if not 0 < self.lowrank_lr < 1:
             raise LowbitError(f"lowrank_lr must be in (0, 1), got {self.lowrank_lr!r}")
+        if self.search_error not in ("sum", "token"):
+            raise LowbitError(f"search_error must be sum or token, got {self.search_error!r}")
         if self.solver not in ("rtn", "gptq"):
             raise LowbitError(f"solver must be rtn or gptq, got {self.solver!r}")
 
@@ -170,22 +174,27 @@ class QLLM(RTNOrGPTQ, Algorithm):
             return
         t0 = time.perf_counter()
         d = linears[down].in_features
-        acc = {"gram": torch.zeros(d, d, dtype=torch.float64), "rows": []}
-
-        def observe(_name, x):
-            xf = x.float()
-            acc["gram"] += (xf.t() @ xf).double()  # float32 products of one window, summed in float64
-            acc["rows"].append(xf)
-
-        windows = spread_windows(ctx.inputs.hidden.shape[0], self.options.stat_windows)
-        capture(ctx, [down], observe, windows)
-        rows = torch.cat(acc["rows"])
-        sample = rows[torch.linspace(0, rows.shape[0] - 1, min(SAMPLE_TOKENS, rows.shape[0])).round().long()]
+        o = self.options
+        n = ctx.inputs.hidden.shape[0]
+        k = 0 if o.stat_windows == 0 else (2 * o.stat_windows if o.search_holdout else o.stat_windows)
+        windows = spread_windows(n, k)
+        nw = n if windows is None else len(windows)
+        got = []
+        capture(ctx, [down], lambda _name, x: got.append(x.float()), windows)
+        per_window = torch.cat(got).reshape(nw, -1, d)
+        if o.search_holdout and nw >= 2:  # merges fitted on half the windows, judged on the other half
+            fit, held = per_window[0::2].reshape(-1, d), per_window[1::2].reshape(-1, d)
+        else:
+            fit = held = per_window.reshape(-1, d)
+        rows = per_window.reshape(-1, d)
+        gram = (fit.t() @ fit).double()  # float32 products, accumulated by BLAS; kept in float64
+        sample = held[torch.linspace(0, held.shape[0] - 1, min(SAMPLE_TOKENS, held.shape[0])).round().long()]
         W = linears[down].weight.detach().float()
         wspec = self.config.weight_spec_for(ctx.full_name(down))
         with full_precision():
-            plan, tried = search_threshold(sample, acc["gram"], W, wspec, self.config.act, self.options.candidates, self.options.max_extra)
-            merge_err = merge_rel_error(acc["gram"], W, plan)
+            plan, tried = search_threshold(sample, gram, W, wspec, self.config.act, o.candidates, o.max_extra,
+                                           absmax=rows.abs().amax(0), per_token=o.search_error == "token")
+            merge_err = merge_rel_error(gram, W, plan)
             probe = ctx.inputs.hidden[:1]
             before = ctx.forward(probe)
             fold_mlp_plan(linears[gate], linears[up], linears[down], plan)

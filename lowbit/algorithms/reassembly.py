@@ -189,8 +189,11 @@ def merge_rel_error(gram: torch.Tensor, w: torch.Tensor, plan: Plan) -> float:
 
 
 def quantized_output_error(x: torch.Tensor, w: torch.Tensor, plan: Plan, wspec: WeightSpec | None, aspec: ActSpec | None,
-                           ref: torch.Tensor | None = None) -> float:
-    """||x W^T - Q(x') Q(W')^T||^2 on the sample x: the search objective (ref: x W^T, if known)."""
+                           ref: torch.Tensor | None = None, per_token: bool = False) -> float:
+    """||x W^T - Q(x') Q(W')^T||^2 on the sample x: the search objective (ref: x W^T, if known).
+    per_token: the sum over tokens of each token's squared error relative to its ||x_t W^T||^2,
+    so that a few tokens of huge norm (the attention-sink tokens, |x| in the thousands) do
+    not outweigh all the others, as they do in the plain sum."""
     xp = plan_input(x.float(), plan)
     wp = plan_weight(w.double(), plan).float()
     if aspec is not None:
@@ -199,7 +202,10 @@ def quantized_output_error(x: torch.Tensor, w: torch.Tensor, plan: Plan, wspec: 
         wp = round_to_nearest(wp, wspec).dequantize()
     if ref is None:
         ref = x.float() @ w.float().t()
-    return float((ref - xp @ wp.t()).pow(2).sum())
+    err = (ref - xp @ wp.t()).pow(2)
+    if per_token:
+        return float((err.sum(1).double() / ref.pow(2).sum(1).double().clamp_min(1e-30)).sum())
+    return float(err.sum())
 
 
 def threshold_candidates(absmax: torch.Tensor, n: int, max_extra: int) -> list[float]:
@@ -226,17 +232,22 @@ def search_threshold(
     aspec: ActSpec | None,
     n_candidates: int = 12,
     max_extra_frac: float = 0.25,
+    absmax: torch.Tensor | None = None,
+    per_token: bool = False,
 ) -> tuple[Plan, list[tuple[float, float]]]:
     """The plan whose threshold minimizes the quantized output error on the sample x
-    ([tokens, d]); gram is X^T X on all calibration tokens. Returns (plan, [(theta, error)])."""
-    absmax = x.abs().amax(0).float()
+    ([tokens, d]); gram is X^T X of the tokens the merges are fitted on (x may be other
+    tokens of the same layer: a held-out sample judges the merges without the selection bias
+    of scoring them on the tokens they were chosen on); absmax: max|x_j| over all tokens
+    (default: the sample's). Returns (plan, [(theta, error)])."""
+    absmax = (x.abs().amax(0) if absmax is None else absmax).float()
     d = absmax.shape[0]
     tried = []
     best, best_err = Plan.identity(d), math.inf
     ref = x.float() @ w.float().t()
     for theta in threshold_candidates(absmax, n_candidates, int(max_extra_frac * d)):
         plan = make_plan(gram, absmax, w, theta)
-        err = quantized_output_error(x, w, plan, wspec, aspec, ref)
+        err = quantized_output_error(x, w, plan, wspec, aspec, ref, per_token)
         tried.append((theta, err))
         if err < best_err:
             best, best_err = plan, err
