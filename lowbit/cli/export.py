@@ -1,6 +1,6 @@
 """``lowbit export``: write a lowbit checkpoint in a format other tools load.
 
-    lowbit export compressed-tensors CKPT -o OUT     transformers / vLLM (pack-quantized)
+    lowbit export compressed-tensors CKPT -o OUT     transformers / vLLM (pack-quantized; W8A8 int-quantized)
     lowbit export gptq CKPT -o OUT [--format gptq_v2]  GPTQModel, AutoGPTQ, vLLM
     lowbit export awq CKPT -o OUT                     AWQ GEMM layout (AutoAWQ, vLLM, GPTQModel)
     lowbit export bnb CKPT -o OUT                     bitsandbytes 4-bit (NF4/FP4; transformers)
@@ -64,12 +64,19 @@ def _load(checkpoint: str, output: Path):
 @export_app.command("compressed-tensors")
 @handle_errors
 def compressed_tensors(checkpoint: CheckpointArg, output: OutputOpt) -> None:
-    """Write CHECKPOINT in compressed-tensors' pack-quantized format (transformers with compressed-tensors, vLLM)."""
-    from ..export.compressed_tensors import export_compressed_tensors
+    """Write CHECKPOINT in compressed-tensors (transformers with compressed-tensors, vLLM): weight-only layers
+    pack-quantized, layers that quantize their inputs too (SmoothQuant, ZeroQuant: W8A8) int-quantized with their
+    activation scheme. vLLM's int8 W8A8 kernels want 8-bit symmetric per-channel weights (a warning says when not)."""
+    from ..export.compressed_tensors import export_compressed_tensors, vllm_warnings
+    from ..export.gptq import quantized_layers
 
     model, tok = _load(checkpoint, output)
     export_compressed_tensors(model, tok, output)
-    _say(f"wrote {output}/ (compressed-tensors pack-quantized)")
+    layers = quantized_layers(model, "compressed-tensors", activations=True)
+    for line in vllm_warnings(layers):
+        _say(f"note: {line}")
+    kinds = sorted({"int-quantized" if m.aspec is not None else "pack-quantized" for m in layers.values()})
+    _say(f"wrote {output}/ (compressed-tensors {' and '.join(kinds)})")
 
 
 @export_app.command("gptq")

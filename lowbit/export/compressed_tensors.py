@@ -1,4 +1,6 @@
-"""Export to compressed-tensors' ``pack-quantized`` format (transformers, vLLM, llm-compressor).
+"""Export to compressed-tensors (transformers, vLLM, llm-compressor): weight-only layers as
+``pack-quantized``, layers that also quantize their inputs (W8A8: SmoothQuant, ZeroQuant)
+as ``int-quantized``.
 
 Per quantized Linear ``L`` (W = [out, in], G groups) the safetensors file holds
 
@@ -21,6 +23,17 @@ Facts taken from compressed-tensors (0.20) itself:
   permutations were removed. Both are refused here.
 - The scale is loaded into a parameter of the model's dtype and the weight dequantized in
   that dtype: loaded in float32, the result is lowbit's float32 weight exactly.
+- ``int-quantized`` (compressed-tensors' writer for schemes with input activations) stores
+  ``L.weight`` as int8 holding the signed values q - 2**(bits-1), ``L.weight_scale``
+  [out, G], ``L.weight_zero_point`` int8 [out, G] unpacked (asymmetric only), and for static
+  activations ``L.input_scale`` [1] and ``L.input_zero_point`` int8 [1] (asymmetric only).
+  Its activation quantizer is lowbit's: symmetric scale absmax / ((2**bits - 1) / 2),
+  asymmetric scale (max - min) / (2**bits - 1) with the range holding 0 and a rounded
+  zero point, round half to even, so a dynamic per-token file computes what lowbit does.
+  vLLM's int8 W8A8 kernels want symmetric per-channel (or per-tensor) 8-bit weights;
+  ``vllm_warnings`` names the layers that are not.
+- LLM.int8()'s outlier decomposition and per-token activation groups have no
+  compressed-tensors scheme: refused.
 - Asymmetric files follow compressed-tensors' own writer (zero points packed along the
   output dimension), which transformers 5.23 with compressed-tensors 0.20 loads only with
   ``CompressedTensorsConfig(dequantize=True)``: its default path sizes weight_zero_point
@@ -60,6 +73,55 @@ def ct_layer(name: str, m: QuantLinear) -> dict[str, torch.Tensor]:
     return out
 
 
+def ct_int_layer(name: str, m: QuantLinear) -> dict[str, torch.Tensor]:
+    """The int-quantized tensors of a layer that quantizes its inputs too (see above)."""
+    check_groups(name, m, "compressed-tensors")
+    if not torch.equal(m.g_idx, default_g_idx(m.in_features, m.wspec.group_size)):
+        raise LowbitError(f"layer {name} has permuted groups (act-order g_idx), which compressed-tensors cannot store")
+    _act_args(name, m.aspec)  # refuses what has no scheme
+    half = 2 ** (m.wspec.bits - 1)
+    signed = lambda t: (t.to(torch.int16) - half).to(torch.int8).contiguous()  # noqa: E731
+    out = {
+        f"{name}.weight": signed(m.codes),
+        f"{name}.weight_scale": m.scales.contiguous(),
+    }
+    if not m.wspec.symmetric:
+        out[f"{name}.weight_zero_point"] = signed(m.zeros.round())
+    if not m.aspec.dynamic:
+        out[f"{name}.input_scale"] = m.act_scale.detach().float().reshape(1).clone()
+        if not m.aspec.symmetric:
+            out[f"{name}.input_zero_point"] = (m.act_zero.detach().round().to(torch.int16).reshape(1) - 2 ** (m.aspec.bits - 1)).to(torch.int8)
+    return out
+
+
+def _act_args(name: str, spec) -> dict:
+    """QuantizationArgs of an activation format (per token or per tensor, dynamic or static)."""
+    if spec.outlier_threshold is not None:
+        raise LowbitError(
+            f"layer {name} keeps LLM.int8() outlier columns in float ({spec.describe()}), which compressed-tensors cannot "
+            "express; export a weight-only model or quantize without the outlier threshold"
+        )
+    if spec.group_size is not None:
+        raise LowbitError(f"layer {name} quantizes its inputs in groups of {spec.group_size} per token, which lowbit's compressed-tensors export does not write")
+    return {
+        "num_bits": spec.bits,
+        "type": "int",
+        "symmetric": spec.symmetric,
+        "strategy": spec.granularity,
+        "group_size": None,
+        "dynamic": spec.dynamic,
+    }
+
+
+def vllm_warnings(qlayers: dict[str, QuantLinear]) -> list[str]:
+    """What vLLM's int8 W8A8 kernels will not take, one line per kind of layer."""
+    bad = sorted(n for n, m in qlayers.items() if m.aspec is not None and (not m.wspec.symmetric or m.wspec.bits != 8 or m.wspec.group_size is not None))
+    if not bad:
+        return []
+    return [f"{len(bad)} layers quantize their activations with weights that are not 8-bit symmetric per channel (e.g. {bad[0]}): "
+            "vLLM's int8 W8A8 kernels refuse them; quantize with --bits 8 --sym and no group size for vLLM"]
+
+
 def _weights_args(spec) -> dict:
     """QuantizationArgs of a weight format: per-channel is strategy "channel" (one scale
     per row, no group size), grouped is strategy "group"."""
@@ -75,25 +137,31 @@ def _weights_args(spec) -> dict:
 
 
 def quantization_config(qlayers: dict[str, QuantLinear], ignore: list[str]) -> dict:
-    """One config group per weight format. A single format targets every Linear and lists
-    the float ones in ``ignore``; several formats name their layers exactly."""
+    """One config group per (weight format, activation format). A single group targets
+    every Linear and lists the float ones in ``ignore``; several groups name their layers
+    exactly. Groups with activations are int-quantized, the others pack-quantized."""
     by_spec: dict[tuple, list[str]] = {}
     for name, m in qlayers.items():
-        s = m.wspec
-        by_spec.setdefault((s.bits, s.symmetric, s.group_size or 0), []).append(name)
+        s, a = m.wspec, m.aspec
+        akey = () if a is None else (a.bits, a.dynamic, a.granularity, a.symmetric)
+        by_spec.setdefault((s.bits, s.symmetric, s.group_size or 0, akey), []).append(name)
     groups = {}
+    formats = set()
     for i, key in enumerate(sorted(by_spec)):
         names = sorted(by_spec[key])
+        first = qlayers[names[0]]
+        fmt = "pack-quantized" if first.aspec is None else "int-quantized"
+        formats.add(fmt)
         groups[f"group_{i}"] = {
             "targets": ["Linear"] if len(by_spec) == 1 else names,
-            "weights": _weights_args(qlayers[names[0]].wspec),
-            "input_activations": None,
+            "weights": _weights_args(first.wspec),
+            "input_activations": None if first.aspec is None else _act_args(names[0], first.aspec),
             "output_activations": None,
-            "format": "pack-quantized",
+            "format": fmt,
         }
     return {
         "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": ignore,
@@ -106,10 +174,11 @@ def quantization_config(qlayers: dict[str, QuantLinear], ignore: list[str]) -> d
 
 
 def export_compressed_tensors(model, tokenizer, out_dir: str | Path) -> Path:
-    """Write a lowbit-quantized model as a compressed-tensors pack-quantized folder."""
-    qlayers = quantized_layers(model, "compressed-tensors")
+    """Write a lowbit-quantized model as a compressed-tensors folder (pack-quantized
+    weight-only layers, int-quantized W8A8-style layers)."""
+    qlayers = quantized_layers(model, "compressed-tensors", activations=True)
     tensors = float_tensors(model, qlayers)
     for name, m in qlayers.items():
-        tensors.update(ct_layer(name, m))
+        tensors.update(ct_layer(name, m) if m.aspec is None else ct_int_layer(name, m))
     qconfig = quantization_config(qlayers, float_linears(model))
     return write_export(model, tokenizer, out_dir, dict(sorted(tensors.items())), qconfig)

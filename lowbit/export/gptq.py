@@ -73,14 +73,17 @@ def unpack_words(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 # --- plumbing shared by both exporters --------------------------------------------------
 
 
-def quantized_layers(model: nn.Module, fmt: str) -> dict[str, QuantLinear]:
-    """The weight-quantized layers; refuses activation quantization, which neither format
-    writes (it changes what the model computes, so dropping it would be a wrong file)."""
+def quantized_layers(model: nn.Module, fmt: str, activations: bool = False) -> dict[str, QuantLinear]:
+    """The weight-quantized layers. Unless the format writes activation schemes
+    (``activations``), refuses activation quantization: it changes what the model computes,
+    so dropping it would be a wrong file."""
     layers = {}
     for name, m in model.named_modules():
         if not isinstance(m, QuantLinear):
             continue
-        if m.aspec is not None:
+        if m.aspec is not None and m.wspec is None:
+            raise LowbitError(f"layer {name} quantizes its activations ({m.aspec.describe()}) but not its weights, which the {fmt} export cannot express")
+        if m.aspec is not None and not activations:
             raise LowbitError(
                 f"layer {name} quantizes its activations ({m.aspec.describe()}), which the {fmt} export "
                 "cannot express; export a weight-only model"
