@@ -74,6 +74,7 @@ class QuantReport:
     seconds: float
     storage: dict = field(default_factory=dict)
     allocation: dict = field(default_factory=dict)  # the bit budget's choices and predictions, when one was given
+    threads: int = 0  # torch threads the run used
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,9 +176,19 @@ def quantize(
     seconds = time.perf_counter() - start
     layers = [r for ctx in contexts for r in ctx.records.values()]
     report = QuantReport(config=config.to_dict(), layers=layers, seconds=seconds, storage=storage_summary(model),
-                         allocation=allocation.to_dict() if allocation is not None else {})
+                         allocation=allocation.to_dict() if allocation is not None else {}, threads=torch.get_num_threads())
     model.lowbit_config = config
     return report
+
+
+def set_threads(n: int | None) -> int:
+    """Use n torch threads from now on (None: leave torch's choice, one per physical core)
+    and return the count in use; calibration, GPTQ's solves and evaluation all run on them."""
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise LowbitError(f"threads must be a positive integer, got {n!r}")
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def bf16_supported() -> bool:

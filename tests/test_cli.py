@@ -36,18 +36,29 @@ def test_help(cmd):
     assert r.exit_code == 0 and "Usage" in r.output
 
 
-def test_quantize_eval_inspect_on_a_tiny_model(tiny_dir, tmp_path, cache):
+@pytest.fixture
+def keep_threads():
+    """Commands set torch's thread count for the process; the tests after these get theirs back."""
+    before = torch.get_num_threads()
+    yield before
+    torch.set_num_threads(before)
+
+
+def test_quantize_eval_inspect_on_a_tiny_model(tiny_dir, tmp_path, cache, keep_threads):
     out = tmp_path / "q"
-    r = run("quantize", tiny_dir, "-b", "4", "-g", "32", "--asym", "-o", out, *SMALL)
+    r = run("quantize", tiny_dir, "-b", "4", "-g", "32", "--asym", "-o", out, *SMALL, "--threads", "1")
     assert r.exit_code == 0, r.output
     for f in ("model.safetensors", "lowbit_config.json", "eval.json", "report.json", "layers.png", "tokenizer.json"):
         assert (out / f).is_file(), f
     ev = json.loads((out / "eval.json").read_text())
     assert ev["quantized"]["ppl"] > 0 and 0 <= ev["quantized"]["top1"] <= 1 and ev["quantized"]["kl"] > 0
     assert ev["original"]["protocol"]["n_windows"] == 2
-    r = run("eval", out, "--data", EXCERPT, "--windows", "2", "--seq-len", "64", "-q", "--json", tmp_path / "e.json")
+    assert json.loads((out / "report.json").read_text())["threads"] == 1 and ev["quantized"]["threads"] == 1
+    threads = 2 if keep_threads == 1 else keep_threads  # another count than the run's
+    r = run("eval", out, "--data", EXCERPT, "--windows", "2", "--seq-len", "64", "-q", "--json", tmp_path / "e.json", "-j", threads)
     assert r.exit_code == 0, r.output
     again = json.loads((tmp_path / "e.json").read_text())
+    assert again["result"]["threads"] == threads
     assert again["result"]["ppl"] == pytest.approx(ev["quantized"]["ppl"], rel=1e-9)  # reload is exact
     assert again["result"]["kl"] == pytest.approx(ev["quantized"]["kl"], rel=1e-9)
     r = run("inspect", out)
@@ -93,6 +104,7 @@ def test_methods_command():
         (["quantize", "{tiny}", "-g", "64", "--strict-groups", "--no-eval", "-o", "{out}", *FIT], ["does not divide the input width 96", "model.layers.0"]),
         (["quantize", "{tiny}", "-g", "256", "--no-eval", "-o", "{out}", *FIT], ["group size 256 is larger than the input width 96"]),
         (["quantize", "{tiny}", "-m", "magic", "-o", "{out}"], ["unknown method 'magic'"]),
+        (["quantize", "{tiny}", "--threads", "0", "-o", "{out}"], ["threads must be a positive integer, got 0"]),
         (["quantize", "{tiny}", "--option", "x=1", "-o", "{out}"], ["method rtn has no option x"]),
         (["quantize", "{tiny}", "--data", "{empty}", "-o", "{out}", *FIT], ["is empty"]),
         (["quantize", "{tiny}", "--data", "{short}", "-o", "{out}", *FIT], ["short.txt is too short"]),

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from .activations import handle_errors
+from .options import ThreadsOpt
 
 ModelArg = Annotated[str, typer.Argument(help="A lowbit checkpoint folder, or a model (embedded name, .gguf, Hugging Face folder) to run in float.")]
 KernelOpt = Annotated[str, typer.Option("--kernel", help="Compute path of a checkpoint's layers: auto (int4 for weights of at most 4 bits, packed two codes per byte, on torch's CPU int4 matmul; int8 where weights and activations are both int8; the reference elsewhere), int4, int8 or reference (dequantize, float matmul; codes held unpacked).")]
@@ -20,10 +21,11 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the sampler.")]
 VerifyOpt = Annotated[bool, typer.Option("--no-verify", help="Skip the content-hash check of a checkpoint's tensors.")]
 
 
-def _load(model: str, kernel: str, no_verify: bool):
+def _load(model: str, kernel: str, no_verify: bool, threads: int | None):
     from .. import api
     from ..nn.qlinear import kernel_counts
 
+    api.set_threads(threads)
     m, tok, info = api.load(model, verify=not no_verify, kernel=kernel)
     counts = kernel_counts(m)
     where = ", ".join(f"{n} on {k}" for k, n in sorted(counts.items())) or "float model, no quantized layers"
@@ -54,11 +56,12 @@ def generate(
     seed: SeedOpt = 0,
     kernel: KernelOpt = "auto",
     no_verify: VerifyOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Continue a prompt, streaming the new text; tokens/s at the end (on stderr)."""
     from ..generation import chat_prompt, generate as run
 
-    m, tok = _load(model, kernel, no_verify)
+    m, tok = _load(model, kernel, no_verify, threads)
     text = chat_prompt(tok, [{"role": "user", "content": prompt}]) if chat else prompt
     g = run(m, tok, text, max_new_tokens, temperature, top_p, repetition_penalty, seed, on_text=_echo, add_special_tokens=not chat)
     _echo("\n")
@@ -76,12 +79,13 @@ def chat(
     seed: SeedOpt = 0,
     kernel: KernelOpt = "auto",
     no_verify: VerifyOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Talk to the model through its chat template; answers stream, tokens/s after each.
     An empty line or end of input (Ctrl-D) ends the conversation."""
     from ..generation import chat_prompt, generate as run
 
-    m, tok = _load(model, kernel, no_verify)
+    m, tok = _load(model, kernel, no_verify, threads)
     messages = [{"role": "system", "content": system}] if system else []
     chat_prompt(tok, messages + [{"role": "user", "content": ""}])  # no template: say so before the first question
     interactive = sys.stdin.isatty()

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from ..cache import atomic_path, check_writable
 from ..errors import LowbitError
+from .options import ThreadsOpt
 
 app = typer.Typer(
     help="lowbit: quantize a causal LM, measure it against the original under one protocol, save it.",
@@ -182,6 +183,7 @@ def quantize(
     seed: Annotated[int, typer.Option("--seed", help="Seed for everything random.")] = 0,
     calib_precision: Annotated[str, typer.Option("--calib-precision", help="Matmuls of the calibration passes: fp32; bf16 (bfloat16 inputs, float32 accumulation and outputs: 2-4x faster); auto = bf16 where the CPU supports it natively. Evaluation is always float32.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Quantize MODEL and write a checkpoint. With --eval (the default) the original and the quantized model are also measured under the fixed protocol (perplexity, KL, top-1 agreement), and eval.json, report.json and layers.png are saved in the checkpoint folder."""
     from .. import api
@@ -189,6 +191,7 @@ def quantize(
     from ..calibration.data import Protocol, bos_note, check_lengths
     from ..evaluation.plots import plot_layer_errors
 
+    api.set_threads(threads)
     # what the user said; method_config fills the rest with the method's own defaults
     bits, fmt = parse_weight_format(weight_format, bits)
     weight = {"restricted": restricted, "observer": observer, "scale_dtype": scale_dtype, "strict_groups": strict_groups}
@@ -316,10 +319,13 @@ def eval_cmd(
     kernel: Annotated[str, typer.Option("--kernel", help="Compute path of a quantized checkpoint: reference (dequantize, float matmul), int8 (int8 x int8 -> int32 products where weights and activations are both quantized), int4 (weights of at most 4 bits packed, torch's CPU int4 matmul, bfloat16 activations) or auto (each layer on the first of int4, int8 it can run).")] = "reference",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the content-hash check of a checkpoint's tensors.")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Measure perplexity (and KL / top-1 agreement against the original) under the protocol."""
     from .. import api
     from ..calibration.data import Protocol, bos_note, check_lengths
+
+    api.set_threads(threads)
 
     protocol = Protocol(seq_len=seq_len, n_windows=windows, n_calib=1, calib_len=2, bos=bos)
     if json_out is not None:

@@ -38,6 +38,7 @@ class EvalResult:
     seconds: float = 0.0
     protocol: dict = field(default_factory=dict)
     window_nll: list[float] = field(default_factory=list)
+    threads: int = 0  # torch threads the evaluation ran with
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,6 +108,7 @@ def _evaluate(model, windows, reference, record_to, record_meta, protocol, progr
             seconds=time.perf_counter() - start,
             protocol=protocol or {},
             window_nll=window_nll,
+            threads=torch.get_num_threads(),
         )
         ok = True
     finally:
