@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from .activations import handle_errors
+from .options import ThreadsOpt
 
 
 @handle_errors
@@ -41,6 +42,7 @@ def qat(
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per evaluation window (protocol default 512).")] = 512,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the data order.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Quantization-aware training: fake quantization with straight-through gradients on any format, then a checkpoint of the real codes, measured under the protocol against the float model."""
     import torch
@@ -54,6 +56,7 @@ def qat(
     from ..training.qat import QATConfig, qat as run_qat, training_windows
     from .main import out, parse_group_size, parse_weight_format
 
+    api.set_threads(threads)
     bits, fmt = parse_weight_format(weight_format, None)
     bitnet = fmt in ("bitnet", "bitnet158")
     if scales is None:
