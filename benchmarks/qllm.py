@@ -97,7 +97,8 @@ def markdown(rows: dict[str, dict], meta: dict) -> str:
         f"calibration 32 x 512 tokens from the end of the Wikipedia text, evaluation on its first 20 x 512 (README protocol). "
         f"`{meta['command']}` on {meta['machine']}, {meta['date']}. Time: the quantization call alone. "
         "QLLM reassembles down_proj's inputs only and smooths the norm-fed inputs (alpha 0.5; see lowbit/algorithms/qllm.py); "
-        "its threshold search fits the merges on 8 calibration windows and judges each threshold on 8 others, by each token's relative error.",
+        "its threshold search (defaults) scores each threshold by the summed squared error of down_proj's quantized output on 1024 tokens of 8 calibration windows, "
+        "with thresholds from the max |x| of all their tokens.",
         "",
         "| setting | perplexity | vs fp32 | KL | top-1 | quantize s | threads | measured (load avg) |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
