@@ -26,7 +26,7 @@ def qat(
     batch: Annotated[int, typer.Option("--batch", help="Windows per step.")] = 4,
     seq_len_train: Annotated[int, typer.Option("--train-len", help="Tokens per training window.")] = 512,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate of the weights (AdamW; linear warm-up, then cosine to 0).")] = 2e-5,
-    scale_lr: Annotated[float, typer.Option("--scale-lr", help="Learning rate of the learned scale multipliers.")] = 1e-3,
+    scale_lr: Annotated[float, typer.Option("--scale-lr", help="Learning rate of the learned scale multipliers (Adam moves each about this much per step; 1e-3 made W4 from GPTQ drift on SmolLM2, see BENCHMARKS.md).")] = 2e-5,
     warmup: Annotated[int, typer.Option("--warmup", help="Learning-rate warm-up steps.")] = 10,
     blend_steps: Annotated[int, typer.Option("--blend-steps", help="Blend quantization in over this many steps: w + lam·(q(w) - w), lam from 0 to 1 (0: quantized from the start).")] = 0,
     distill: Annotated[float, typer.Option("--distill", help="Loss = distill·KL(float model || trained) + (1 - distill)·next-token loss; 1: distillation only.")] = 1.0,
