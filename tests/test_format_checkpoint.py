@@ -73,7 +73,11 @@ def test_version_1_checkpoint_loads_to_the_same_logits():
     model, _, _ = lowbit.load(str(DATA / "ckpt-v1"))
     ref = load_file(str(DATA / "ckpt-v1-logits.safetensors"))
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ref["ids"]).logits, ref["logits"])
+        got = model(input_ids=ref["ids"]).logits
+    # the stored logits were computed on another CPU: float32 matmuls round differently from
+    # one BLAS kernel to the next (2.7e-7 seen on an AMD EPYC); a misread code moves them by
+    # orders of magnitude more, and test_integer_checkpoint_bytes_unchanged checks the bytes
+    torch.testing.assert_close(got, ref["logits"], atol=1e-5, rtol=0)
 
 
 def test_integer_checkpoint_bytes_unchanged(tmp_path, excerpt):
