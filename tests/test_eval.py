@@ -126,3 +126,43 @@ def test_reference_is_small_deterministic_and_the_cache_bounded(tmp_path):
     os.utime(tmp_path / "a", (1, 1))  # a is the least recently used
     removed = prune(tmp_path, folder_bytes(tmp_path / "b") + 10, keep=tmp_path / "b")
     assert removed == [tmp_path / "a"] and (tmp_path / "b").is_dir()
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_logprobs_by_chunks_of_positions_equal_the_whole_window(tiny_dir, tmp_path, monkeypatch, batch_size):
+    """Where the architecture allows, the head runs on POSITION_CHUNK positions at a time
+    (windows of 300 tokens: chunks of 128, 128 and 43); perplexity, KL, top-1 and the
+    recorded reference are those of the whole-window path."""
+    import copy
+
+    from lowbit.evaluation import metrics
+
+    model, tok, _ = lowbit.load(str(tiny_dir))
+    assert metrics._head_split(model) is not None  # the tiny Llama takes the chunked path
+    windows = calib(len(tok), n=3, length=300)
+    assert [a for a, _ in metrics.window_logprobs(model, windows[:1])] == [0, 128, 256]
+    quant = copy.deepcopy(model)
+    lowbit.quantize(quant, QuantConfig(weight=WeightSpec(bits=3, group_size=32)), progress=False)
+    runs = {}
+    for path in ("chunked", "whole"):
+        if path == "whole":
+            monkeypatch.setattr(metrics, "HEAD_ONLY_TYPES", ())
+            assert [a for a, _ in metrics.window_logprobs(model, windows[:1])] == [0]
+        fp = evaluate(model, windows, record_to=tmp_path / path, batch_size=batch_size)
+        ref = Reference(tmp_path / path)
+        runs[path] = (fp, evaluate(quant, windows, reference=ref, batch_size=batch_size), ref)
+    (fa, qa, ra), (fb, qb, rb) = runs["chunked"], runs["whole"]
+    assert fa.ppl == pytest.approx(fb.ppl, rel=1e-6) and fa.window_nll == pytest.approx(fb.window_nll, rel=1e-6)
+    assert qa.kl == pytest.approx(qb.kl, rel=1e-4) and qa.top1 == qb.top1 and qa.ppl == pytest.approx(qb.ppl, rel=1e-6)
+    assert qa.kl > 1e-3  # (a 3-bit model: the KL is no rounding noise)
+    assert (ra.argmax == rb.argmax).all()
+    assert (ra.ids[:, :, :128] == rb.ids[:, :, :128]).mean() > 0.999  # the head (ties aside)
+
+
+def test_nonfinite_count_across_slices(monkeypatch):
+    from lowbit.models import loader
+
+    monkeypatch.setattr(loader, "FINITE_CHUNK", 1000)
+    t = torch.zeros(7, 501)  # 3507 values: slices of 1000, the last one short
+    t.view(-1)[[0, 999, 1000, 3506]] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan")])
+    assert loader.nonfinite_count(t) == 4 and loader.nonfinite_count(t[:, :2]) == 1

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import LowbitError
 from ..nn.qlinear import dequant_cache
-from .reference import Recorder, Reference
+from .reference import POSITION_CHUNK, Recorder, Reference
 
 
 @dataclass
@@ -47,6 +47,38 @@ class EvalResult:
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     out = model(input_ids=ids, use_cache=False)
     return (out.logits if hasattr(out, "logits") else out[0]).float()
+
+
+# architectures whose causal-LM forward is the body, then lm_head, then nothing but an
+# optional final tanh soft-cap: their log-probabilities can be made a chunk of positions at
+# a time, so a large vocabulary (Gemma 3's 262,144) never holds a whole window's logits
+HEAD_ONLY_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+
+def _head_split(model):
+    if getattr(model.config, "model_type", None) not in HEAD_ONLY_TYPES:
+        return None
+    body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if body is None or head is None:
+        return None
+    return body, head, getattr(model.config, "final_logit_softcapping", None)
+
+
+def window_logprobs(model, ids: torch.Tensor):
+    """Yield (start, log-probabilities [batch, chunk, vocab]) of the next token at positions
+    0 .. len-2 of ``ids`` [batch, len], in chunks of POSITION_CHUNK positions where the
+    architecture allows (see HEAD_ONLY_TYPES), else all at once."""
+    split = _head_split(model)
+    if split is None:
+        yield 0, F.log_softmax(_logits(model, ids)[:, :-1], dim=-1)
+        return
+    body, head, cap = split
+    hidden = body(input_ids=ids, use_cache=False)[0]
+    for a in range(0, ids.shape[1] - 1, POSITION_CHUNK):
+        logits = head(hidden[:, a : min(a + POSITION_CHUNK, ids.shape[1] - 1)]).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        yield a, F.log_softmax(logits, dim=-1)
 
 
 @torch.no_grad()
@@ -80,24 +112,26 @@ def _evaluate(model, windows, reference, record_to, record_meta, protocol, progr
         starts = range(0, n, batch_size)
         for i in progress(starts) if progress else starts:
             ids = windows[i : i + batch_size]
-            logp = F.log_softmax(_logits(model, ids)[:, :-1], dim=-1)
-            if not torch.isfinite(logp).all():
-                raise LowbitError("the model produced NaN/inf logits")
             target = ids[:, 1:]
-            tok_nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).double()
+            tok_nll = torch.empty(target.shape, dtype=torch.float64)
+            for a, logp in window_logprobs(model, ids):
+                b = a + logp.shape[1]
+                if not torch.isfinite(logp).all():
+                    raise LowbitError("the model produced NaN/inf logits")
+                tok_nll[:, a:b] = -logp.gather(-1, target[:, a:b].unsqueeze(-1)).squeeze(-1).double()
+                if record_to is not None:
+                    if recorder is None:
+                        recorder = Recorder(record_to, n, length - 1, logp.shape[-1], record_meta or {})
+                    for j in range(ids.shape[0]):
+                        recorder.write(i + j, logp[j], start=a)
+                if reference is not None:
+                    for j in range(ids.shape[0]):
+                        kl_sum += float(reference.kl(i + j, logp[j], start=a).double().sum())
+                    ref_top = torch.from_numpy(reference.argmax[i : i + ids.shape[0], a:b]).long()
+                    agree += int((logp.argmax(-1) == ref_top).sum())
             nll_sum += float(tok_nll.sum())
             window_nll.extend(tok_nll.mean(-1).tolist())
             count += target.numel()
-            if record_to is not None:
-                if recorder is None:
-                    recorder = Recorder(record_to, n, length - 1, logp.shape[-1], record_meta or {})
-                for j in range(ids.shape[0]):
-                    recorder.write(i + j, logp[j])
-            if reference is not None:
-                for j in range(ids.shape[0]):
-                    kl_sum += float(reference.kl(i + j, logp[j]).double().sum())
-                ref_top = torch.from_numpy(reference.argmax[i : i + ids.shape[0]]).long()
-                agree += int((logp.argmax(-1) == ref_top).sum())
         nll = nll_sum / count
         result = EvalResult(
             ppl=math.exp(nll),

@@ -95,13 +95,15 @@ class Reference:
         if self.argmax.shape != (n, length - 1) or int(self.ids.max(initial=0)) >= vocab:
             raise LowbitError(f"reference {self.folder} covers {self.argmax.shape} positions of a vocabulary it does not share with this model")
 
-    def kl(self, i: int, logq: torch.Tensor) -> torch.Tensor:
-        """KL per position of window ``i`` against the model's log q [positions, vocab]."""
+    def kl(self, i: int, logq: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """KL per position of window ``i`` against the model's log q [positions, vocab] of
+        the positions from ``start`` on."""
         out = []
         for a in range(0, logq.shape[0], POSITION_CHUNK):
-            b = a + POSITION_CHUNK
-            out.append(position_kl(torch.from_numpy(np.array(self.ids[i, a:b])), torch.from_numpy(np.array(self.logprobs[i, a:b])),
-                                   torch.from_numpy(np.array(self.tail[i, a:b])), logq[a:b], self.top_k))
+            b = min(a + POSITION_CHUNK, logq.shape[0])
+            r = slice(start + a, start + b)
+            out.append(position_kl(torch.from_numpy(np.array(self.ids[i, r])), torch.from_numpy(np.array(self.logprobs[i, r])),
+                                   torch.from_numpy(np.array(self.tail[i, r])), logq[a:b], self.top_k))
         return torch.cat(out)
 
 
@@ -122,14 +124,23 @@ class Recorder:
         self.argmax = np.zeros((n, positions), dtype=np.int32)
         self.meta = {**meta, "reference_format": {"name": FORMAT, "top_k": self.top_k, "samples": self.samples, "seed": SEED}}
 
-    def write(self, i: int, logp: torch.Tensor) -> None:
-        """Record window ``i``'s normalized log-probabilities [positions, vocab]."""
-        g = torch.Generator().manual_seed(SEED * 1_000_003 + i)  # the same draws on every run
+    def write(self, i: int, logp: torch.Tensor, start: int = 0) -> None:
+        """Record window ``i``'s normalized log-probabilities [positions, vocab] of the
+        positions from ``start`` on; a window may come in pieces, in order, each a multiple of
+        POSITION_CHUNK long but the last (the draws are then those of one whole call)."""
+        draws = self.__dict__.setdefault("_draws", {})
+        if start == 0:
+            draws[i] = torch.Generator().manual_seed(SEED * 1_000_003 + i)  # the same draws on every run
+        elif i not in draws:
+            raise ValueError(f"window {i} continued at position {start} before it was started")
+        g = draws[i]
         for a in range(0, logp.shape[0], POSITION_CHUNK):
             ids, lp, tail, top = compact_rows(logp[a : a + POSITION_CHUNK], self.top_k, self.samples, g)
-            b = a + ids.shape[0]
-            self.ids[i, a:b], self.logprobs[i, a:b] = ids.numpy(), lp.numpy()
-            self.tail[i, a:b], self.argmax[i, a:b] = tail.numpy(), top.numpy()
+            r = slice(start + a, start + a + ids.shape[0])
+            self.ids[i, r], self.logprobs[i, r] = ids.numpy(), lp.numpy()
+            self.tail[i, r], self.argmax[i, r] = tail.numpy(), top.numpy()
+        if start + logp.shape[0] >= self.tail.shape[1]:
+            del draws[i]  # the window is complete
 
     def close(self, ok: bool, result: dict | None = None) -> None:
         self.ids.flush()

@@ -231,12 +231,22 @@ def load_model(spec: str):
     return model, tokenizer, source
 
 
+FINITE_CHUNK = 1 << 22  # elements checked at once: isfinite's temporaries stay small
+
+
+def nonfinite_count(t: torch.Tensor) -> int:
+    """NaN/inf values in t, counted a slice at a time (torch.isfinite on a whole 671 MB
+    embedding makes float and bool temporaries as large as it: 1.2 GB of peak memory)."""
+    flat = t.detach().reshape(-1)
+    return sum(int((~torch.isfinite(flat[a : a + FINITE_CHUNK])).sum()) for a in range(0, flat.numel(), FINITE_CHUNK))
+
+
 def check_finite(model: torch.nn.Module, what: str) -> None:
     """Refuse a model with NaN/inf parameters, naming the first such tensor."""
     for name, p in model.named_parameters():
-        bad = ~torch.isfinite(p)
-        if bad.any():
-            raise LowbitError(f"model {what}: tensor {name} has {int(bad.sum())} NaN/inf values")
+        bad = nonfinite_count(p)
+        if bad:
+            raise LowbitError(f"model {what}: tensor {name} has {bad} NaN/inf values")
 
 
 def release_free_memory() -> None:
