@@ -67,7 +67,7 @@ def compressed_tensors(checkpoint: CheckpointArg, output: OutputOpt) -> None:
     """Write CHECKPOINT in compressed-tensors (transformers with compressed-tensors, vLLM): weight-only layers
     pack-quantized, layers that quantize their inputs too (SmoothQuant, ZeroQuant: W8A8) int-quantized with their
     activation scheme. vLLM's int8 W8A8 kernels want 8-bit symmetric per-channel weights (a warning says when not)."""
-    from ..export.compressed_tensors import export_compressed_tensors, vllm_warnings
+    from ..export.compressed_tensors import export_compressed_tensors, layer_format, vllm_warnings
     from ..export.gptq import quantized_layers
 
     model, tok = _load(checkpoint, output)
@@ -75,7 +75,7 @@ def compressed_tensors(checkpoint: CheckpointArg, output: OutputOpt) -> None:
     layers = quantized_layers(model, "compressed-tensors", activations=True)
     for line in vllm_warnings(layers):
         _say(f"note: {line}")
-    kinds = sorted({"int-quantized" if m.aspec is not None else "pack-quantized" for m in layers.values()})
+    kinds = sorted({layer_format(m) for m in layers.values()})
     _say(f"wrote {output}/ (compressed-tensors {' and '.join(kinds)})")
 
 

@@ -123,12 +123,13 @@ class Recorder:
         self.tail = np.zeros((n, positions), dtype=np.float32)
         self.argmax = np.zeros((n, positions), dtype=np.int32)
         self.meta = {**meta, "reference_format": {"name": FORMAT, "top_k": self.top_k, "samples": self.samples, "seed": SEED}}
+        self._draws: dict[int, torch.Generator] = {}  # the sampler of each window begun and not yet complete
 
     def write(self, i: int, logp: torch.Tensor, start: int = 0) -> None:
         """Record window ``i``'s normalized log-probabilities [positions, vocab] of the
         positions from ``start`` on; a window may come in pieces, in order, each a multiple of
         POSITION_CHUNK long but the last (the draws are then those of one whole call)."""
-        draws = self.__dict__.setdefault("_draws", {})
+        draws = self._draws
         if start == 0:
             draws[i] = torch.Generator().manual_seed(SEED * 1_000_003 + i)  # the same draws on every run
         elif i not in draws:

@@ -55,13 +55,29 @@ from .gptq import check_groups, float_linears, float_tensors, pack_words, quanti
 FORMAT_VERSION = "0.18.0"
 
 
-def ct_layer(name: str, m: QuantLinear) -> dict[str, torch.Tensor]:
+def layer_format(m: QuantLinear) -> str:
+    """The compressed-tensors format a layer is written in: int-quantized when it also
+    quantizes its inputs, pack-quantized otherwise."""
+    return "pack-quantized" if m.aspec is None else "int-quantized"
+
+
+def _check_layout(name: str, m: QuantLinear) -> None:
+    """Refuse what neither format holds: ragged groups, act-order column permutations."""
     gs = check_groups(name, m, "compressed-tensors")
     if not torch.equal(m.g_idx, default_g_idx(m.in_features, gs)):
         raise LowbitError(
             f"layer {name} has permuted groups (act-order g_idx), which compressed-tensors cannot store; "
             "export it as GPTQ instead"
         )
+
+
+def _signed(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """lowbit's unsigned codes (or zero points) as compressed-tensors' signed int8 values."""
+    return (t.round().to(torch.int16) - 2 ** (bits - 1)).to(torch.int8).contiguous()
+
+
+def ct_layer(name: str, m: QuantLinear) -> dict[str, torch.Tensor]:
+    _check_layout(name, m)
     bits = m.wspec.bits
     out = {
         f"{name}.weight_packed": pack_words(m.codes, bits),
@@ -75,22 +91,19 @@ def ct_layer(name: str, m: QuantLinear) -> dict[str, torch.Tensor]:
 
 def ct_int_layer(name: str, m: QuantLinear) -> dict[str, torch.Tensor]:
     """The int-quantized tensors of a layer that quantizes its inputs too (see above)."""
-    check_groups(name, m, "compressed-tensors")
-    if not torch.equal(m.g_idx, default_g_idx(m.in_features, m.wspec.group_size)):
-        raise LowbitError(f"layer {name} has permuted groups (act-order g_idx), which compressed-tensors cannot store")
+    _check_layout(name, m)
     _act_args(name, m.aspec)  # refuses what has no scheme
-    half = 2 ** (m.wspec.bits - 1)
-    signed = lambda t: (t.to(torch.int16) - half).to(torch.int8).contiguous()  # noqa: E731
+    bits = m.wspec.bits
     out = {
-        f"{name}.weight": signed(m.codes),
+        f"{name}.weight": _signed(m.codes, bits),
         f"{name}.weight_scale": m.scales.contiguous(),
     }
     if not m.wspec.symmetric:
-        out[f"{name}.weight_zero_point"] = signed(m.zeros.round())
+        out[f"{name}.weight_zero_point"] = _signed(m.zeros, bits)
     if not m.aspec.dynamic:
         out[f"{name}.input_scale"] = m.act_scale.detach().float().reshape(1).clone()
         if not m.aspec.symmetric:
-            out[f"{name}.input_zero_point"] = (m.act_zero.detach().round().to(torch.int16).reshape(1) - 2 ** (m.aspec.bits - 1)).to(torch.int8)
+            out[f"{name}.input_zero_point"] = _signed(m.act_zero.detach().reshape(1), m.aspec.bits)
     return out
 
 
@@ -150,7 +163,7 @@ def quantization_config(qlayers: dict[str, QuantLinear], ignore: list[str]) -> d
     for i, key in enumerate(sorted(by_spec)):
         names = sorted(by_spec[key])
         first = qlayers[names[0]]
-        fmt = "pack-quantized" if first.aspec is None else "int-quantized"
+        fmt = layer_format(first)
         formats.add(fmt)
         groups[f"group_{i}"] = {
             "targets": ["Linear"] if len(by_spec) == 1 else names,
@@ -179,6 +192,6 @@ def export_compressed_tensors(model, tokenizer, out_dir: str | Path) -> Path:
     qlayers = quantized_layers(model, "compressed-tensors", activations=True)
     tensors = float_tensors(model, qlayers)
     for name, m in qlayers.items():
-        tensors.update(ct_layer(name, m) if m.aspec is None else ct_int_layer(name, m))
+        tensors.update(ct_layer(name, m) if layer_format(m) == "pack-quantized" else ct_int_layer(name, m))
     qconfig = quantization_config(qlayers, float_linears(model))
     return write_export(model, tokenizer, out_dir, dict(sorted(tensors.items())), qconfig)
