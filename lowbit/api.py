@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .algorithms import make_algorithm
+from .algorithms.base import Algorithm
 from .cache import cache_dir, text_hash
 from .calibration.data import Protocol, bos_id_for, calib_windows, eval_windows, split_windows, tokenize
 from .calibration.text import read_text
@@ -40,6 +41,7 @@ from .export.gguf_plan import plan_config
 from .formats.memory import weight_storage
 from .formats.names import is_mixture
 from .models.loader import is_lowbit_checkpoint, load_model, release_free_memory
+from .models.stream import stream_of
 from .runner import run_blocks
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,7 @@ class QuantReport:
         return asdict(self)
 
 
-def load(spec: str, verify: bool = True, kernel: str = "reference"):
+def load(spec: str, verify: bool = True, kernel: str = "reference", stream: bool = False):
     """(model, tokenizer, info) for a model spec or a lowbit checkpoint folder.
 
     info["source"] describes the unquantized model (for checkpoints: the one it was made
@@ -89,7 +91,9 @@ def load(spec: str, verify: bool = True, kernel: str = "reference"):
     (each layer on the first of int4, int8 it can run) puts a checkpoint's layers on that
     compute path with their weights held packed only (the
     unpacked codes are freed: such a model runs and generates, but cannot be quantized
-    again or saved); layers the kernel cannot run stay on the reference path."""
+    again or saved); layers the kernel cannot run stay on the reference path. stream=True
+    leaves a float model's decoder blocks on disk until quantization or evaluation reaches
+    each (see lowbit.models.stream; checkpoints load whole)."""
     from .nn import KERNELS, set_kernel
 
     if kernel not in KERNELS + ("auto",):
@@ -100,7 +104,7 @@ def load(spec: str, verify: bool = True, kernel: str = "reference"):
     else:
         if kernel not in ("reference", "auto"):
             raise LowbitError(f"{spec} is not a lowbit checkpoint; the {kernel} kernel runs quantized checkpoints only")
-        model, tokenizer, source = load_model(spec)
+        model, tokenizer, source = load_model(spec, stream=stream)
         info = {"source": source.to_dict(), "checkpoint": None, "kernel": "reference"}  # a float model: auto is the reference
     if info["kernel"] != "reference":
         set_kernel(model, kernel, keep_codes=False)
@@ -149,12 +153,18 @@ def quantize(
     if budget is not None:
         from .algorithms.allocate import allocate
 
+        if stream_of(model) is not None:
+            stream_of(model).load_all(model)  # every layer is measured under every candidate
         with matmul_precision("fp32"):
             first = make_algorithm(config)
             allocation = allocate(model, first.config, calib, budget, progress=progress_bar("allocate bits", progress),
                                   weighted=first.fit_importance())
         config = allocation.config
     algo = make_algorithm(config)
+    stream = stream_of(model)
+    if stream is not None and (type(algo).prepare_model is not Algorithm.prepare_model
+                               or (config.weight is not None and is_mixture(config.weight.format))):
+        stream.load_all(model)  # a whole-model step comes first (a rotation, llama.cpp's per-layer plan)
     if config.weight is not None and is_mixture(config.weight.format):  # a llama.cpp file type: one GGML type per layer
         algo = make_algorithm(plan_config(model, algo.config, algo.fit_importance()))
     config = algo.config  # a method may complete it (llm-int8 adds its activation format)
@@ -173,6 +183,8 @@ def quantize(
             calib if needs else None,
             progress=progress_bar(f"quantize {config.method}", progress),
         )
+    if stream_of(model) is not None:
+        stream_of(model).load_all(model)  # every block is in memory now (quantized, or left in float): an ordinary model
     seconds = time.perf_counter() - start
     layers = [r for ctx in contexts for r in ctx.records.values()]
     report = QuantReport(config=config.to_dict(), layers=layers, seconds=seconds, storage=storage_summary(model),

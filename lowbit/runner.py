@@ -1,7 +1,8 @@
 """The block-wise calibration runner, written once for every algorithm.
 
-1. Capture the inputs of the first decoder block for the whole calibration set (one call
-   of the model, stopped by a pre-forward hook on the block).
+1. Capture the inputs of the first decoder block for the whole calibration set, and the
+   keyword arguments (masks, rotary embeddings) of every block, in one call of the model
+   in which the blocks are stand-ins (``capture_layer_inputs``).
 2. For each block in order, run it ONCE on those inputs with a pre-forward hook on every
    Linear to quantize. When the forward reaches a layer, the hook hands the layer's input
    to the algorithm (observe), asks for the quantized weight (solve), writes the
@@ -50,45 +51,69 @@ class BlockInputs:
 
 def capture_first_block_inputs(model: nn.Module, first_block: nn.Module, windows: torch.Tensor) -> BlockInputs:
     """Run the model on the calibration windows up to the first block and keep its inputs."""
+    hidden, kwargs = capture_layer_inputs(model, [first_block], windows)
+    return BlockInputs(hidden, kwargs[0])
+
+
+def capture_layer_inputs(model: nn.Module, layers, windows: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+    """(the first block's hidden input, each block's own keyword arguments) for the
+    windows, from one call of the model in which no block computes anything.
+
+    Blocks of one model may get different arguments: Gemma 3's sliding-window layers get
+    the local rotary embedding (base 10,000) and a sliding mask, its full-attention layers
+    the global one (base 1,000,000) and a causal mask. For this one call each block is
+    replaced by a stand-in that records what it was given and passes its input on, so the
+    blocks' weights are not needed (they may not be loaded yet, see models.stream)."""
     if windows.numel() == 0:
         raise LowbitError("no calibration windows: the calibration set is empty")
-    captured = {}
+    hidden: list[torch.Tensor] = []
+    kwargs: list[dict] = []
 
-    def grab(_module, args, kw):
-        kw = dict(kw)
+    def stand_in(*args, **kw):
         h = args[0] if args else kw.pop("hidden_states")
-        captured["hidden"] = h.detach()
-        captured["kwargs"] = {k: v for k, v in kw.items() if k != "hidden_states"}
-        raise _StopForward
+        if not hidden:
+            hidden.append(h.detach())
+        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        if len(kwargs) == len(layers):
+            raise _StopForward
+        return h
 
-    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    for layer in layers:
+        layer.forward = stand_in  # an attribute of this instance, removed below
     try:
         with torch.no_grad():
             model(input_ids=windows, use_cache=False)
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    if "hidden" not in captured:
-        raise LowbitError("the model never reached its first decoder block")
-    return BlockInputs(captured["hidden"], captured["kwargs"])
+        for layer in layers:
+            del layer.forward
+    if len(kwargs) != len(layers):
+        raise LowbitError(f"the model called {len(kwargs)} of its {len(layers)} decoder blocks")
+    return hidden[0], kwargs
 
 
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _slice_batch(kwargs: dict, batch: int, n: int) -> dict:
-    """kwargs for the first n rows of a batch of ``batch`` (tensors with that batch dim)."""
+def _rows(kwargs: dict, batch: int, a: int, b: int) -> dict:
+    """kwargs for rows a:b of a batch of ``batch`` (tensors with that batch dimension are
+    cut; masks and rotary embeddings shared across the batch are kept whole)."""
 
     def cut(v):
         if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch:
-            return v[:n]
+            return v[a:b]
         if isinstance(v, tuple):
             return tuple(cut(x) for x in v)
         return v
 
     return {k: cut(v) for k, v in kwargs.items()}
+
+
+def _slice_batch(kwargs: dict, batch: int, n: int) -> dict:
+    """kwargs for the first n rows of a batch of ``batch``."""
+    return _rows(kwargs, batch, 0, n)
 
 
 @dataclass
@@ -157,22 +182,27 @@ def run_blocks(
     With calibration windows, ctx carries the block's inputs as produced by the already
     quantized blocks before it, and quantize_block returns the quantized block's output on
     them (the next block's input). Without (methods that need no data), ctx.inputs is None
-    and no forward pass runs at all.
+    and no forward pass runs at all. A streamed model's blocks (``models.stream``) are read
+    from disk as the walk reaches them.
     """
+    from .models.stream import stream_of
+
     was_training = model.training
     model.eval()  # calibration passes never use dropout
+    stream = stream_of(model)
     try:
         prefix, layers = decoder_layers(model)
-        inputs = capture_first_block_inputs(model, layers[0], windows) if windows is not None else None
+        hidden, layer_kwargs = capture_layer_inputs(model, layers, windows) if windows is not None else (None, None)
         contexts = []
         iterator = progress(range(len(layers))) if progress else range(len(layers))
         for i in iterator:
+            inputs = None if hidden is None else BlockInputs(hidden, layer_kwargs[i])
             ctx = BlockContext(index=i, prefix=f"{prefix}.{i}", block=layers[i], inputs=inputs)
+            if stream is not None:  # a streamed model's block is read from disk when reached, and kept
+                stream.load(layers[i], ctx.prefix)
             out = quantize_block(ctx)
             if inputs is not None:
-                if out is None:
-                    out = ctx.forward()
-                inputs = BlockInputs(out, inputs.kwargs)
+                hidden = ctx.forward() if out is None else out
             ctx.inputs = None  # release this block's activations
             contexts.append(ctx)
         return contexts

@@ -153,3 +153,39 @@ def test_registry_and_options():
 
     algo = WithOptions(QuantConfig(method="test-with-options", options={"alpha": 0.7}))
     assert algo.options.alpha == 0.7
+
+
+def tiny_gemma3(vocab: int, layers: int = 3):
+    """A small random Gemma 3 whose blocks differ in their arguments: sliding-window layers
+    (local rotary embedding, window 16) and a full-attention layer (global rotary base)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
+                           sliding_window=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"][:layers],
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_each_block_gets_its_own_arguments():
+    """The runner feeds block i what the model's own forward gives it: on Gemma 3 the
+    full-attention block's rotary embedding and mask differ from the sliding blocks'."""
+    model = tiny_gemma3(120)
+    windows = calib(120, n=3, length=40)
+    _, blocks = decoder_layers(model)
+    seen = {}
+    hooks = [b.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+             for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        model(input_ids=windows, use_cache=False)
+    for h in hooks:
+        h.remove()
+    outs = []
+    run_blocks(model, lambda ctx: outs.append(ctx.forward()) or outs[-1], windows)
+    for i in range(len(blocks)):
+        torch.testing.assert_close(outs[i], seen[i], rtol=0, atol=1e-5, msg=f"block {i}")

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from ..cache import atomic_path, check_writable
 from ..errors import LowbitError
-from .options import ThreadsOpt
+from .options import StreamOpt, ThreadsOpt
 
 app = typer.Typer(
     help="lowbit: quantize a causal LM, measure it against the original under one protocol, save it.",
@@ -184,6 +184,7 @@ def quantize(
     calib_precision: Annotated[str, typer.Option("--calib-precision", help="Matmuls of the calibration passes: fp32; bf16 (bfloat16 inputs, float32 accumulation and outputs: 2-4x faster); auto = bf16 where the CPU supports it natively. Evaluation is always float32.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     threads: ThreadsOpt = None,
+    stream: StreamOpt = True,
 ) -> None:
     """Quantize MODEL and write a checkpoint. With --eval (the default) the original and the quantized model are also measured under the fixed protocol (perplexity, KL, top-1 agreement), and eval.json, report.json and layers.png are saved in the checkpoint folder."""
     from .. import api
@@ -232,7 +233,7 @@ def quantize(
 
     t0 = time.perf_counter()
     out.print(f"[bold]lowbit[/] {config.describe()} on {model}")
-    m, tok, info = api.load(model)
+    m, tok, info = api.load(model, stream=stream)
     if info["checkpoint"] is not None:
         raise LowbitError(f"{model} is already a quantized lowbit checkpoint; quantize its source model instead")
     check_lengths(m, seq_len=seq_len if evaluate else None, calib_len=calib_len)
@@ -320,6 +321,7 @@ def eval_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the content-hash check of a checkpoint's tensors.")] = False,
     threads: ThreadsOpt = None,
+    stream: StreamOpt = True,
 ) -> None:
     """Measure perplexity (and KL / top-1 agreement against the original) under the protocol."""
     from .. import api
@@ -330,7 +332,7 @@ def eval_cmd(
     protocol = Protocol(seq_len=seq_len, n_windows=windows, n_calib=1, calib_len=2, bos=bos)
     if json_out is not None:
         check_writable(json_out)
-    m, tok, info = api.load(model, verify=not no_verify)
+    m, tok, info = api.load(model, verify=not no_verify, stream=stream)
     check_lengths(m, seq_len=seq_len)
     out.print(bos_note(tok, protocol), highlight=False)
     if kernel != "reference":
@@ -338,6 +340,10 @@ def eval_cmd(
 
         set_kernel(m, kernel)  # a one-line error for an unknown kernel or a float model
     w = api.eval_windows_for(tok, protocol, data)
+    del tok  # not needed from here: Gemma 3's 262,144-token tokenizer holds 0.3 GB
+    from ..models.loader import release_free_memory
+
+    release_free_memory()
     result: dict = {"model": model, "protocol": protocol.to_dict(), "kernel": kernel}
     ref, original, note = api.reference_for_model(m, info, w, protocol, enabled=reference, progress=not quiet)
     if note:

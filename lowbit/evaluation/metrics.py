@@ -14,6 +14,7 @@ its tail.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 from ..errors import LowbitError
 from ..nn.qlinear import dequant_cache
 from .reference import POSITION_CHUNK, Recorder, Reference
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,16 +67,18 @@ def _head_split(model):
     return body, head, getattr(model.config, "final_logit_softcapping", None)
 
 
-def window_logprobs(model, ids: torch.Tensor):
+def window_logprobs(model, ids: torch.Tensor, hidden: torch.Tensor | None = None):
     """Yield (start, log-probabilities [batch, chunk, vocab]) of the next token at positions
     0 .. len-2 of ``ids`` [batch, len], in chunks of POSITION_CHUNK positions where the
-    architecture allows (see HEAD_ONLY_TYPES), else all at once."""
+    architecture allows (see HEAD_ONLY_TYPES), else all at once. ``hidden``: the body's
+    output for ``ids`` when already computed (a streamed model's, see models.stream)."""
     split = _head_split(model)
     if split is None:
         yield 0, F.log_softmax(_logits(model, ids)[:, :-1], dim=-1)
         return
     body, head, cap = split
-    hidden = body(input_ids=ids, use_cache=False)[0]
+    if hidden is None:
+        hidden = body(input_ids=ids, use_cache=False)[0]
     for a in range(0, ids.shape[1] - 1, POSITION_CHUNK):
         logits = head(hidden[:, a : min(a + POSITION_CHUNK, ids.shape[1] - 1)]).float()
         if cap:
@@ -101,8 +106,25 @@ def evaluate(
         return _evaluate(model, windows, reference, record_to, record_meta, protocol, progress, batch_size)
 
 
+def _streamed_body(model, windows, progress):
+    """For a streamed model (see models.stream): the body's output for all windows, run
+    one block at a time (None where the architecture's head cannot run on it alone, after
+    reading the whole model)."""
+    from ..models.stream import stream_of, streamed_hidden
+
+    stream = stream_of(model)
+    if stream is None:
+        return None
+    if _head_split(model) is None:
+        log.info("%s: no separate LM head; reading the whole model to evaluate it", type(model).__name__)
+        stream.load_all(model)
+        return None
+    return streamed_hidden(model, windows, progress=progress)
+
+
 def _evaluate(model, windows, reference, record_to, record_meta, protocol, progress, batch_size) -> EvalResult:
     start = time.perf_counter()
+    body = _streamed_body(model, windows, progress)
     n, length = windows.shape
     recorder = None
     nll_sum, kl_sum, agree, count = 0.0, 0.0, 0, 0
@@ -114,7 +136,7 @@ def _evaluate(model, windows, reference, record_to, record_meta, protocol, progr
             ids = windows[i : i + batch_size]
             target = ids[:, 1:]
             tok_nll = torch.empty(target.shape, dtype=torch.float64)
-            for a, logp in window_logprobs(model, ids):
+            for a, logp in window_logprobs(model, ids, None if body is None else body[i : i + batch_size]):
                 b = a + logp.shape[1]
                 if not torch.isfinite(logp).all():
                     raise LowbitError("the model produced NaN/inf logits")

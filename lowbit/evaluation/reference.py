@@ -45,13 +45,14 @@ def compact_rows(logp: torch.Tensor, top_k: int, samples: int, generator: torch.
     argmax int32)."""
     k = min(top_k, logp.shape[-1])
     head_lp, head_ids = logp.topk(k, dim=-1)
-    p = logp.exp()
-    tail_p = p.scatter(-1, head_ids, 0.0)
+    tail_p = logp.exp().scatter_(-1, head_ids, 0.0)  # in place: one [positions, vocab] temporary, not four
     mass = tail_p.sum(-1)
     if samples and logp.shape[-1] > k:
         # positions whose tail is empty (all mass in the head) sample any token: weight 0
-        weights = torch.where(mass.unsqueeze(-1) > 0, tail_p, torch.ones_like(tail_p))
-        drawn = torch.multinomial(weights, samples, replacement=True, generator=generator)
+        empty = mass <= 0
+        if bool(empty.any()):
+            tail_p[empty] = 1.0
+        drawn = torch.multinomial(tail_p, samples, replacement=True, generator=generator)
     else:
         drawn = head_ids[:, :0]
     ids = torch.cat([head_ids, drawn], dim=-1)

@@ -151,13 +151,13 @@ def gguf_add_bos(path: Path) -> bool | None:
     """``tokenizer.ggml.add_bos_token`` of a GGUF file, or None where it is not stored.
     transformers' GGUF tokenizer conversion drops it (a Gemma GGUF loads as a tokenizer
     that adds no BOS), so lowbit reads it itself."""
-    from gguf import GGUFReader
+    from .gguf_read import gguf_scalar
 
     try:
-        field = GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
-        return None if field is None else bool(field.parts[field.data[0]][0])
-    except Exception:  # unreadable files are reported by check_gguf
+        value = gguf_scalar(path, "tokenizer.ggml.add_bos_token")
+    except (LowbitError, OSError):  # unreadable files are reported by check_gguf
         return None
+    return None if value is None else bool(value)
 
 
 def _apply_add_bos(tokenizer, add_bos: bool | None, what: str) -> None:
@@ -214,21 +214,43 @@ def float32_folder(spec: str) -> Path:
     return folder
 
 
-def load_model(spec: str):
-    """(model, tokenizer, source) for MODEL; the model is float32, on CPU, in eval mode."""
+def load_model(spec: str, stream: bool = False):
+    """(model, tokenizer, source) for MODEL; the model is float32, on CPU, in eval mode.
+
+    stream=True leaves the decoder blocks' weights on disk until the runner or the
+    evaluation reaches each block (``lowbit.models.stream``); for GGUF sources they are
+    read from the cached float32 copy."""
     source = resolve(spec)
-    if source.kind in ("embedded", "gguf"):
+    if source.kind == "hf" and is_lowbit_checkpoint(Path(source.path)):
+        raise LowbitError(f"{spec} is a lowbit checkpoint; load it with lowbit.load_checkpoint")
+    if stream and source.kind != "hub":
+        from .stream import load_streamed
+
+        folder = float32_folder(spec)
+        tokenizer = _load_tokenizer(str(folder), spec)
+        model = load_streamed(folder, spec)
+    elif source.kind in ("embedded", "gguf"):
         model, tokenizer = _load_hf(str(float32_folder(spec)), "cached model")
-        _apply_add_bos(tokenizer, gguf_add_bos(Path(source.path)), spec)  # also for caches made before this was kept
     elif source.kind == "hf":
-        if is_lowbit_checkpoint(Path(source.path)):
-            raise LowbitError(f"{spec} is a lowbit checkpoint; load it with lowbit.load_checkpoint")
         model, tokenizer = _load_hf(source.path, "model folder")
     else:
         model, tokenizer = _load_hf(source.path, "hub model")
-    check_finite(model, spec)
+    if source.kind in ("embedded", "gguf"):
+        _apply_add_bos(tokenizer, gguf_add_bos(Path(source.path)), spec)  # also for caches made before this was kept
+    if not stream:
+        check_finite(model, spec)  # a streamed model checks each tensor as it is read
     model.eval()
     return model, tokenizer, source
+
+
+def _load_tokenizer(path: str, what: str):
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise LowbitError(f"could not load the tokenizer of {what} ({path}): {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
 FINITE_CHUNK = 1 << 22  # elements checked at once: isfinite's temporaries stay small

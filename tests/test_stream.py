@@ -1,0 +1,94 @@
+"""Streamed models: decoder blocks read from disk when the runner or the evaluation reaches
+them, with the same results as the model loaded whole."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lowbit
+from lowbit.config import QuantConfig, WeightSpec
+from lowbit.errors import LowbitError
+from lowbit.evaluation.metrics import evaluate
+from lowbit.export.checkpoint import quant_layers
+from lowbit.models.arch import decoder_layers
+from lowbit.models.stream import is_meta, load_streamed, stream_of
+from tests.test_runner import calib, tiny_gemma3
+
+
+def _block_params_on_meta(model) -> bool:
+    _, layers = decoder_layers(model)
+    return all(is_meta(p) for p in layers.parameters())
+
+
+def test_blocks_wait_on_disk_and_evaluation_matches(tiny_dir):
+    whole, tok, _ = lowbit.load(str(tiny_dir))
+    streamed, _, _ = lowbit.load(str(tiny_dir), stream=True)
+    assert _block_params_on_meta(streamed)
+    assert not is_meta(streamed.model.embed_tokens.weight)
+    assert streamed.lm_head.weight is streamed.model.embed_tokens.weight  # tied, read once
+    windows = calib(len(tok), n=5, length=48, seed=1)
+    a = evaluate(whole, windows)
+    b = evaluate(streamed, windows)
+    assert b.ppl == pytest.approx(a.ppl, rel=1e-6)
+    assert b.window_nll == pytest.approx(a.window_nll, rel=1e-5)
+    assert _block_params_on_meta(streamed)  # read for the pass, dropped afterwards
+    assert stream_of(streamed).loads == 2 + 2 * 9  # embedding and final norm at load, each block's 9 tensors once
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantizing_a_streamed_model_gives_the_same_codes(tiny_dir, method):
+    whole, tok, _ = lowbit.load(str(tiny_dir))
+    streamed, _, _ = lowbit.load(str(tiny_dir), stream=True)
+    cfg = QuantConfig(method=method, weight=WeightSpec(bits=4, group_size=32, symmetric=False), calib_precision="fp32")
+    windows = calib(len(tok), n=4, length=32)
+    lowbit.quantize(whole, cfg, windows, progress=False)
+    lowbit.quantize(streamed, cfg, windows, progress=False)
+    assert stream_of(streamed) is None  # every block is in memory now: an ordinary model
+    qa, qb = quant_layers(whole), quant_layers(streamed)
+    assert qa.keys() == qb.keys() and qa
+    for name in qa:
+        assert torch.equal(qa[name].dequantized_weight(), qb[name].dequantized_weight()), name
+
+
+def test_gemma3_streamed_evaluation_matches(tmp_path, tiny_dir):
+    tok = lowbit.load(str(tiny_dir))[1]
+    model = tiny_gemma3(len(tok))
+    model.save_pretrained(tmp_path / "g", max_shard_size="100KB")  # several shards and an index
+    assert (tmp_path / "g" / "model.safetensors.index.json").is_file()
+    streamed = load_streamed(tmp_path / "g", "tiny gemma")
+    windows = calib(len(tok), n=3, length=40)
+    a, b = evaluate(model, windows), evaluate(streamed, windows)
+    assert b.window_nll == pytest.approx(a.window_nll, rel=1e-5)
+
+
+def _single_file(folder):
+    files = list(folder.glob("*.safetensors"))
+    assert len(files) == 1
+    return files[0]
+
+
+def test_a_missing_or_misshapen_tensor_is_named(tmp_path, tiny_dir, excerpt):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    f = _single_file(bad)
+    tensors = load_file(f)
+    name = "model.layers.1.mlp.up_proj.weight"
+    del tensors[name]
+    save_file(tensors, f, metadata={"format": "pt"})
+    model = load_streamed(bad, "bad")  # blocks are read later
+    with pytest.raises(LowbitError, match=name.replace(".", r"\.")):
+        evaluate(model, calib(100, n=1, length=8))
+    tensors[name] = torch.zeros(3, 3)
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(LowbitError, match=r"up_proj\.weight .*shape \(3, 3\)"):
+        evaluate(load_streamed(bad, "bad"), calib(100, n=1, length=8))
+    tensors[name] = torch.full((160, 96), float("nan"))
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(LowbitError, match=r"up_proj\.weight has 15360 NaN"):
+        load_streamed(bad, "bad")  # found at load, before any work
