@@ -92,3 +92,74 @@ def test_a_missing_or_misshapen_tensor_is_named(tmp_path, tiny_dir, excerpt):
     save_file(tensors, f, metadata={"format": "pt"})
     with pytest.raises(LowbitError, match=r"up_proj\.weight has 15360 NaN"):
         load_streamed(bad, "bad")  # found at load, before any work
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
+def test_footprint_shapes_count_the_blocks_linears(arch):
+    """The memory prediction's parameter counts equal those of the real modules."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowbit.models.arch import block_linears
+    from lowbit.models.footprint import Shapes, quantize_peak
+
+    common = dict(vocab_size=500, hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2)
+    cfg = AutoConfig.for_model(arch, **common, **({"head_dim": 32} if arch == "gemma3_text" else {}))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    _, layers = decoder_layers(model)
+    s = Shapes.from_config(cfg)
+    assert s.block_params == sum(m.weight.numel() for m in block_linears(layers[0]).values())
+    linears = sum(m.weight.numel() for b in layers for m in block_linears(b).values())
+    embeds = sum(p.numel() for n, p in model.named_parameters() if "embed" in n or "lm_head" in n)
+    assert s.params == linears + embeds
+    whole, streamed = quantize_peak(s, "gptq", stream=False), quantize_peak(s, "gptq")
+    assert whole["float blocks"] == 3 * streamed["float blocks"] and streamed["total"] < whole["total"]
+    with pytest.raises(LowbitError, match="not 'qllm'"):
+        quantize_peak(s, "qllm")
+
+
+def test_memory_command_predicts_a_quantization(tiny_dir):
+    from typer.testing import CliRunner
+
+    from lowbit.cli.main import app
+
+    r = CliRunner().invoke(app, ["memory", "llama-70b", "--method", "gptq"])
+    assert r.exit_code == 0, r.output
+    assert "quantized blocks" in r.output and "68.98B parameters" in r.output
+    r = CliRunner().invoke(app, ["memory", str(tiny_dir), "--method", "awq", "--no-stream"])
+    assert r.exit_code == 0 and "total" in r.output, r.output
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
+def test_gguf_to_float32_equals_transformers_loader(arch, tmp_path, monkeypatch, excerpt):
+    """The tensor-at-a-time conversion gives exactly the tensors transformers' own GGUF
+    loading gives (q/k permutation undone, Gemma's norms offset), in several shards."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowbit.export.gguf_writer import export_gguf
+    from lowbit.models import gguf_float
+    from tests.test_gguf_export import _randomize, bpe_tokenizer
+
+    tok = bpe_tokenizer(excerpt)
+    common = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    extra = {"head_dim": 32, "sliding_window": 32} if arch == "gemma3_text" else {"tie_word_embeddings": arch == "llama"}
+    torch.manual_seed(0)
+    model = _randomize(AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **common, **extra)))
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    src, _, info = lowbit.load(str(folder))
+    gguf = export_gguf(src, tok, tmp_path / "m.gguf", "Q8_0", source=info["source"]).path
+    monkeypatch.setattr(gguf_float, "SHARD_BYTES", 200_000)
+    out = tmp_path / "fp32"
+    out.mkdir()
+    gguf_float.gguf_to_float32(gguf, out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    ours = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        assert torch.equal(ours[k], theirs[k]), k

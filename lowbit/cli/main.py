@@ -21,7 +21,10 @@ from rich.table import Table
 
 from ..cache import atomic_path, check_writable
 from ..errors import LowbitError
+from ..models.footprint import LLAMA_SHAPES as _LLAMA_SHAPES
 from .options import StreamOpt, ThreadsOpt
+
+LLAMA_SHAPE_NAMES = tuple(_LLAMA_SHAPES)
 
 app = typer.Typer(
     help="lowbit: quantize a causal LM, measure it against the original under one protocol, save it.",
@@ -393,11 +396,19 @@ def inspect(checkpoint: Annotated[Path, typer.Argument(help="A lowbit checkpoint
 def memory(
     what: Annotated[str, typer.Argument(help="A parameter count (70B, 135M, 7e9), a model, or a lowbit checkpoint.")] = "70B",
     formats: Annotated[list[str], typer.Option("--format", "-f", help="Formats to list: fp32, fp16, bf16, int8, int4-g64, ... Repeatable.")] = [],
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="Instead: predict the peak memory of `lowbit quantize WHAT --method M` (rtn, gptq, awq; W4 g64) part by part from the model's shapes. WHAT is then a model, a Hugging Face folder, or a Llama shape: " + ", ".join(LLAMA_SHAPE_NAMES) + ".", show_default=False)] = None,
+    n_calib: Annotated[int, typer.Option("--n-calib", help="With --method: calibration windows.")] = 32,
+    calib_len: Annotated[int, typer.Option("--calib-len", help="With --method: tokens per calibration window.")] = 512,
+    stream: StreamOpt = True,
 ) -> None:
-    """Memory needed to hold a model's parameters in each format (decimal GB)."""
+    """Memory needed to hold a model's parameters in each format (decimal GB), or with
+    --method the predicted peak of quantizing it."""
     from ..formats.memory import human_bytes, model_bytes, parse_count
     from ..models.count import count_parameters
 
+    if method is not None:
+        _memory_prediction(what, method, n_calib, calib_len, stream)
+        return
     fmts = formats or ["fp32", "fp16", "bf16", "int8", "int4-g128", "int4-g64", "int3-g64", "int2-g64"]
     try:
         n = parse_count(what)
@@ -413,6 +424,42 @@ def memory(
     for f in fmts:
         t.add_row(f, f"{format_bits(f):g}", human_bytes(model_bytes(n, f)))
     out.print(t)
+
+
+def _memory_prediction(what: str, method: str, n_calib: int, calib_len: int, stream: bool) -> None:
+    from ..formats.memory import human_bytes
+    from ..models.footprint import LLAMA_SHAPES, Shapes, quantize_peak
+
+    if what in LLAMA_SHAPES:
+        shapes, label = Shapes.from_config(LLAMA_SHAPES[what]), f"{what} (Llama 2 shapes)"
+    else:
+        shapes, label = Shapes.from_config(_model_config(what)), what
+    parts = quantize_peak(shapes, method, n_calib, calib_len, stream)
+    t = Table(title=f"lowbit quantize {label} --method {method}{'' if stream else ' --no-stream'}: predicted peak", header_style="bold")
+    t.add_column("part")
+    t.add_column("memory", justify="right")
+    for k, v in parts.items():
+        if k != "total":
+            t.add_row(k, human_bytes(v))
+    t.add_row("[bold]total[/]", f"[bold]{human_bytes(parts['total'])}[/]")
+    out.print(t)
+    out.print(f"{shapes.params / 1e9:.2f}B parameters; {n_calib} x {calib_len} calibration tokens; see lowbit/models/footprint.py for each part", highlight=False)
+
+
+def _model_config(what: str):
+    """A model's config without its weights: the folder's config.json, or a GGUF's header."""
+    from transformers import AutoConfig
+
+    from ..models.loader import resolve
+
+    src = resolve(what)
+    path = Path(src.path)
+    try:
+        if src.kind in ("embedded", "gguf"):
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoConfig.from_pretrained(src.path)
+    except (OSError, ValueError, KeyError) as e:
+        raise LowbitError(f"cannot read the config of {what}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
 @app.command()

@@ -9,11 +9,9 @@ MODEL can be
 - a lowbit checkpoint folder (handled by ``lowbit.export.checkpoint``);
 - a hub id, where a hub is reachable.
 
-GGUF files are dequantized to float32 by transformers' GGUF loader, which takes tens of
-seconds, so the float32 result is cached as a plain Hugging Face folder keyed by the
-file's fingerprint. transformers refuses ``save_pretrained`` on a GGUF-loaded model
-("quantized with gguf"), so the cache is written from a fresh model built with
-``from_config`` after dropping ``quantization_config``.
+GGUF files are dequantized to float32 once, a tensor at a time (``lowbit.models.gguf_float``,
+with transformers' name maps and tensor processors), and the result is cached as a plain
+Hugging Face folder (sharded safetensors) keyed by the file's fingerprint.
 """
 
 from __future__ import annotations
@@ -172,31 +170,14 @@ def _apply_add_bos(tokenizer, add_bos: bool | None, what: str) -> None:
 
 
 def _gguf_to_fp32_folder(gguf_path: Path, out: Path) -> None:
-    """Dequantize a GGUF with transformers and save it as a float32 Hugging Face folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantize a GGUF into a float32 Hugging Face folder, a tensor at a time."""
+    from .gguf_float import gguf_to_float32
 
     check_gguf(gguf_path)
-    _quiet_transformers()
     log.info("dequantizing %s to float32 (once; cached afterwards)", gguf_path.name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
-    except Exception as e:  # transformers raises many kinds for unsupported or broken GGUFs
-        raise LowbitError(f"transformers could not load GGUF {gguf_path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    _apply_add_bos(tokenizer, gguf_add_bos(gguf_path), str(gguf_path))
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    state = model.state_dict()
-    del model
-    from transformers.initialization import no_init_weights
-
-    with no_init_weights():
-        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(state, strict=True)
     with atomic_path(out, is_dir=True) as tmp:
-        fresh.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        gguf_to_float32(gguf_path, tmp)
         (tmp / "lowbit_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
 
 
