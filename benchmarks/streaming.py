@@ -128,21 +128,50 @@ def write_markdown(result: dict) -> None:
         "that process's maximum resident memory, the float32 copy of the GGUF is made beforehand (once per model) and every "
         "row records the float model's reference afresh. Threads, date, load average after the row and commit per row.",
         "",
-        "| model | command | perplexity | KL | top-1 | quantize s | wall s | peak RSS MB | run |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| model | command | perplexity | KL | top-1 | quantize s | wall s | peak RSS MB | predicted MB | run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for key, r in result["rows"].items():
         model, row = key.split(" | ")
         if "error" in r:
-            lines.append(f"| {model} | {row} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {model} | {row} | failed: {r['error']} | | | | | | | |")
             continue
+        pred = f"{predicted(model, row) / 1e6:,.0f}" if row != "eval-whole" else ""
         kl = f"{r['kl']:.4f}" if r.get("kl") is not None else ""
         top1 = f"{100 * r['top1']:.2f}%" if r.get("top1") is not None else ""
         qs = f"{r['quantize_s']:.0f}" if "quantize_s" in r else ""
         ppl = f"{r['ppl']:.3f}" + (f" (float {r['original_ppl']:.3f})" if "original_ppl" in r else "")
         lines.append(f"| {model} | `{r['command'].split(' -q')[0]}` | {ppl} | {kl} | {top1} | {qs} | {r['wall_s']:.0f} | "
-                     f"{r['peak_rss_mb']:,.0f} | {r['date']}, {r['threads']} threads, load {r['load_after']}, {r['code']} |")
+                     f"{r['peak_rss_mb']:,.0f} | {pred} | {r['date']}, {r['threads']} threads, load {r['load_after']}, {r['code']} |")
+    lines += [
+        "",
+        "Predicted: `lowbit memory MODEL --method M` (lowbit/models/footprint.py), the larger of the block loop's and the "
+        "evaluation's peak, from the model's shapes alone. The same prediction on paper for Llama 2 shapes, GPTQ W4 g64, "
+        "32 x 512 calibration tokens, streamed (MB, decimal):",
+        "",
+        "| shape | parameters | embeddings | one float block | quantized blocks held | block forward | GPTQ solver | block loop | evaluation |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    from lowbit.models.footprint import LLAMA_SHAPES, Shapes, eval_peak, quantize_peak
+
+    for name, cfg in LLAMA_SHAPES.items():
+        sh = Shapes.from_config(cfg)
+        q, e = quantize_peak(sh, "gptq"), eval_peak(sh)
+        lines.append(f"| {name} | {sh.params / 1e9:.2f}B | {q['embeddings'] / 1e6:,.0f} | {q['float blocks'] / 1e6:,.0f} | "
+                     f"{q['quantized blocks'] / 1e6:,.0f} | {q['block forward'] / 1e6:,.0f} | {q['solver'] / 1e6:,.0f} | "
+                     f"**{q['total'] / 1e6:,.0f}** | {e['total'] / 1e6:,.0f} |")
     write_section("streaming", "\n".join(lines))
+
+
+def predicted(model: str, row: str) -> float:
+    """lowbit's own prediction of a row's peak (bytes)."""
+    from lowbit.models.footprint import Shapes, eval_peak, quantize_peak
+    from lowbit.models.loader import float32_folder
+
+    sh = Shapes.from_config(json.loads((float32_folder(model) / "config.json").read_text()))
+    if row.startswith("eval"):
+        return eval_peak(sh, quantized=False)["total"]
+    return max(quantize_peak(sh, row)["total"], eval_peak(sh)["total"])
 
 
 if __name__ == "__main__":

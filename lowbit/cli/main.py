@@ -428,20 +428,21 @@ def memory(
 
 def _memory_prediction(what: str, method: str, n_calib: int, calib_len: int, stream: bool) -> None:
     from ..formats.memory import human_bytes
-    from ..models.footprint import LLAMA_SHAPES, Shapes, quantize_peak
+    from ..models.footprint import LLAMA_SHAPES, Shapes, eval_peak, quantize_peak
 
     if what in LLAMA_SHAPES:
         shapes, label = Shapes.from_config(LLAMA_SHAPES[what]), f"{what} (Llama 2 shapes)"
     else:
         shapes, label = Shapes.from_config(_model_config(what)), what
-    parts = quantize_peak(shapes, method, n_calib, calib_len, stream)
+    loop, ev = quantize_peak(shapes, method, n_calib, calib_len, stream), eval_peak(shapes)
     t = Table(title=f"lowbit quantize {label} --method {method}{'' if stream else ' --no-stream'}: predicted peak", header_style="bold")
     t.add_column("part")
-    t.add_column("memory", justify="right")
-    for k, v in parts.items():
+    t.add_column("block loop", justify="right")
+    t.add_column("evaluation after", justify="right")
+    for k in dict.fromkeys([*loop, *ev]):
         if k != "total":
-            t.add_row(k, human_bytes(v))
-    t.add_row("[bold]total[/]", f"[bold]{human_bytes(parts['total'])}[/]")
+            t.add_row(k, human_bytes(loop[k]) if k in loop else "", human_bytes(ev[k]) if k in ev else "")
+    t.add_row("[bold]total[/]", f"[bold]{human_bytes(loop['total'])}[/]", f"[bold]{human_bytes(ev['total'])}[/]")
     out.print(t)
     out.print(f"{shapes.params / 1e9:.2f}B parameters; {n_calib} x {calib_len} calibration tokens; see lowbit/models/footprint.py for each part", highlight=False)
 

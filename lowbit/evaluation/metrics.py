@@ -14,6 +14,7 @@ its tail.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -101,8 +102,10 @@ def evaluate(
     ``reference`` when given; records this model as a reference to ``record_to`` if asked."""
     if windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] == 0:
         raise LowbitError(f"evaluation needs windows of at least 2 tokens, got shape {tuple(windows.shape)}")
+    from ..models.stream import stream_of
+
     model.eval()
-    with dequant_cache(model):
+    with dequant_cache(model) if stream_of(model) is None else contextlib.nullcontext():  # streamed: a block at a time
         return _evaluate(model, windows, reference, record_to, record_meta, protocol, progress, batch_size)
 
 

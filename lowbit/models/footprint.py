@@ -19,7 +19,11 @@ from the config (no weights read):
   the copies its Cholesky solve makes (3); AWQ's search keeps the block's float output and
   a quantized one per candidate scale (2 x [n, len, hidden]) plus the input it scales.
 
-``lowbit memory MODEL --method gptq`` prints it; BENCHMARKS.md sets it beside measured
+The evaluation that follows (``eval_peak``: the quantized blocks, one block dequantized,
+the LM head's logits for 128 positions and their log-softmax, the reference's sampling
+temporaries) can be the larger of the two when the vocabulary is large.
+
+``lowbit memory MODEL --method gptq`` prints both; BENCHMARKS.md sets them beside measured
 peaks and extrapolates to 7B and 70B Llama shapes (``LLAMA_SHAPES``).
 """
 
@@ -91,6 +95,23 @@ def quantize_peak(shapes: Shapes, method: str, n_calib: int = 32, calib_len: int
         "calibration": 2 * 4 * tokens * s.hidden,
         "block forward": 4 * (3 * tokens * s.inter + n_calib * s.heads * calib_len * calib_len),
         "solver": {"rtn": 0.0, "gptq": 3 * 4 * s.inter * s.inter, "awq": 4 * (2 * tokens * s.hidden + tokens * s.inter)}[method],
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def eval_peak(shapes: Shapes, quantized: bool = True, group_size: int = 64) -> dict[str, float]:
+    """Bytes per part while a streamed model is evaluated (after quantization when
+    ``quantized``: the quantized blocks are all in memory), and "total"."""
+    s = shapes
+    per_weight = 1 + 3 / group_size
+    parts = {
+        "process": PROCESS_BYTES,
+        "tokenizer": TOKENIZER_BYTES_PER_TOKEN * s.vocab,
+        "embeddings": 4 * s.vocab * s.hidden * (1 if s.tied else 2),
+        "quantized blocks": per_weight * s.block_params * s.layers if quantized else 0.0,
+        "float blocks": 4 * s.block_params,
+        "head": 4 * 3 * 128 * s.vocab,  # logits, log-probabilities, the reference's tail probabilities
     }
     parts["total"] = sum(parts.values())
     return parts

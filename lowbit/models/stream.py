@@ -6,9 +6,10 @@ the final norm, the LM head) from the folder's safetensors. A ``WeightStream`` a
 the model knows which file holds each tensor; ``stream.loaded(block, prefix)`` reads one
 block's tensors (as float32) for the duration, ``stream.load(...)`` keeps them.
 
-The runner loads each block when it reaches it; ``lowbit eval`` runs the model block by
-block over all windows (``streamed_hidden``), so a forward never needs more than one
-block's weights besides the embeddings. Buffers (rotary frequencies, Gemma's embedding
+The runner loads each block when it reaches it and keeps it (quantized); ``lowbit eval``
+runs the model block by block over all windows (``streamed_hidden``), so a forward never
+needs more than one block's float weights besides the embeddings, also after quantization
+(each quantized block is dequantized only while it runs). Buffers (rotary frequencies, Gemma's embedding
 scale) are computed at construction as usual: only parameters wait on disk.
 """
 
@@ -223,9 +224,13 @@ def load_streamed(folder: str | Path, what: str) -> nn.Module:
     return model
 
 
-def streamed_hidden(model: nn.Module, windows: torch.Tensor, batch: int = 8, progress: Callable | None = None) -> torch.Tensor:
+def streamed_hidden(model: nn.Module, windows: torch.Tensor, batch: int = 1, progress: Callable | None = None) -> torch.Tensor:
     """The body's final hidden states (after the final norm) for all windows [n, len, d],
-    computed one block at a time: block i is read, run on every window, and dropped."""
+    computed one block at a time: block i is read (unless it is in memory already), run on
+    every window, ``batch`` windows per call (1: each window alone, as a whole-model
+    evaluation runs them; dynamic per-tensor activation scales depend on it), and dropped.
+    A quantized block keeps its dequantized weights only while it runs."""
+    from ..nn.qlinear import dequant_cache
     from ..runner import _first, _rows, capture_layer_inputs
     from .arch import decoder_layers
 
@@ -237,7 +242,7 @@ def streamed_hidden(model: nn.Module, windows: torch.Tensor, batch: int = 8, pro
         steps = range(len(layers))
         for i in progress(steps) if progress else steps:
             cm = stream.loaded(layers[i], f"{prefix}.{i}") if stream is not None else contextlib.nullcontext()
-            with cm:
+            with cm, dequant_cache(layers[i]):
                 hidden = torch.cat([_first(layers[i](hidden[a : a + batch], **_rows(kwargs[i], n, a, a + batch)))
                                     for a in range(0, n, batch)])
         return model.model.norm(hidden)
