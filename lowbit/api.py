@@ -41,7 +41,7 @@ from .export.gguf_plan import plan_config
 from .formats.memory import weight_storage
 from .formats.names import is_mixture
 from .models.loader import is_lowbit_checkpoint, load_model, release_free_memory
-from .models.stream import stream_of
+from .models.stream import evaluate_blockwise, stream_of
 from .runner import run_blocks
 
 log = logging.getLogger(__name__)
@@ -93,13 +93,16 @@ def load(spec: str, verify: bool = True, kernel: str = "reference", stream: bool
     unpacked codes are freed: such a model runs and generates, but cannot be quantized
     again or saved); layers the kernel cannot run stay on the reference path. stream=True
     leaves a float model's decoder blocks on disk until quantization or evaluation reaches
-    each (see lowbit.models.stream; checkpoints load whole)."""
+    each (see lowbit.models.stream); a checkpoint loads whole and is evaluated a block at a
+    time, each block dequantized only while it runs."""
     from .nn import KERNELS, set_kernel
 
     if kernel not in KERNELS + ("auto",):
         raise LowbitError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}, or auto")
     if is_lowbit_checkpoint(Path(spec)):
         model, tokenizer, meta = load_checkpoint(spec, verify=verify)
+        if stream:
+            evaluate_blockwise(model)
         info = {"source": meta.get("source", {}), "checkpoint": meta, "kernel": kernel}
     else:
         if kernel not in ("reference", "auto"):

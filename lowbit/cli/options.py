@@ -13,5 +13,5 @@ ThreadsOpt = Annotated[
 
 StreamOpt = Annotated[
     bool,
-    typer.Option("--stream/--no-stream", help="Read a float model's decoder blocks from disk only when the work reaches each (peak memory: the embeddings and one block, not the whole model); --no-stream loads it whole first. Checkpoints always load whole."),
+    typer.Option("--stream/--no-stream", help="Read a float model's decoder blocks from disk only when the work reaches each (peak memory: the embeddings and one block, not the whole model); --no-stream loads it whole first. A checkpoint loads whole and is evaluated a block at a time (each block dequantized only while it runs)."),
 ]

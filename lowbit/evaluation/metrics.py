@@ -102,25 +102,25 @@ def evaluate(
     ``reference`` when given; records this model as a reference to ``record_to`` if asked."""
     if windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] == 0:
         raise LowbitError(f"evaluation needs windows of at least 2 tokens, got shape {tuple(windows.shape)}")
-    from ..models.stream import stream_of
+    from ..models.stream import blockwise
 
     model.eval()
-    with dequant_cache(model) if stream_of(model) is None else contextlib.nullcontext():  # streamed: a block at a time
+    with contextlib.nullcontext() if blockwise(model) else dequant_cache(model):  # block-wise: a block's cache at a time
         return _evaluate(model, windows, reference, record_to, record_meta, protocol, progress, batch_size)
 
 
 def _streamed_body(model, windows, progress):
-    """For a streamed model (see models.stream): the body's output for all windows, run
-    one block at a time (None where the architecture's head cannot run on it alone, after
-    reading the whole model)."""
-    from ..models.stream import stream_of, streamed_hidden
+    """For a streamed model, or one marked block-wise (see models.stream): the body's
+    output for all windows, run one block at a time (None where the architecture's head
+    cannot run on it alone, after reading the whole model)."""
+    from ..models.stream import blockwise, stream_of, streamed_hidden
 
-    stream = stream_of(model)
-    if stream is None:
+    if not blockwise(model):
         return None
     if _head_split(model) is None:
-        log.info("%s: no separate LM head; reading the whole model to evaluate it", type(model).__name__)
-        stream.load_all(model)
+        log.info("%s: no separate LM head; evaluating the whole model at once", type(model).__name__)
+        if stream_of(model) is not None:
+            stream_of(model).load_all(model)
         return None
     return streamed_hidden(model, windows, progress=progress)
 

@@ -36,6 +36,20 @@ def stream_of(model: nn.Module) -> WeightStream | None:
     return getattr(model, STREAM_ATTR, None)
 
 
+BLOCKWISE_ATTR = "_lowbit_blockwise"
+
+
+def evaluate_blockwise(model: nn.Module) -> None:
+    """Evaluate this (fully loaded) model a block at a time too, as a streamed one: each
+    quantized block is dequantized only while it runs (a lowbit checkpoint)."""
+    setattr(model, BLOCKWISE_ATTR, True)
+
+
+def blockwise(model: nn.Module) -> bool:
+    """Whether evaluation runs the model a block at a time over all windows."""
+    return stream_of(model) is not None or bool(getattr(model, BLOCKWISE_ATTR, False))
+
+
 def is_meta(t: torch.Tensor) -> bool:
     return t.device.type == "meta"
 
