@@ -186,6 +186,8 @@ def quantize(
             calib if needs else None,
             progress=progress_bar(f"quantize {config.method}", progress),
         )
+    if stream_of(model) is not None:
+        stream_of(model).load_rest(model)  # the input embedding, dropped during the block loop: a complete model again
     seconds = time.perf_counter() - start
     layers = [r for ctx in contexts for r in ctx.records.values()]
     report = QuantReport(config=config.to_dict(), layers=layers, seconds=seconds, storage=storage_summary(model),

@@ -192,7 +192,11 @@ def run_blocks(
     stream = stream_of(model)
     try:
         prefix, layers = decoder_layers(model)
+        if stream is not None:
+            stream.load_rest(model)
         hidden, layer_kwargs = capture_layer_inputs(model, layers, windows) if windows is not None else (None, None)
+        if stream is not None:
+            stream.drop_input_embedding(model)  # read again when needed (an evaluation, the checkpoint)
         contexts = []
         iterator = progress(range(len(layers))) if progress else range(len(layers))
         for i in iterator:

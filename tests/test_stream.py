@@ -195,3 +195,33 @@ def test_quantize_command_streamed_or_whole_writes_the_same(tiny_dir, tmp_path, 
     assert ea["quantized"]["ppl"] == pytest.approx(eb["quantized"]["ppl"], rel=1e-6)
     assert ea["original"]["ppl"] == pytest.approx(eb["original"]["ppl"], rel=1e-6)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_an_untied_input_embedding_waits_on_disk_between_uses(tmp_path, tiny_dir):
+    """Qwen-style untied embedding: dropped after the first block's inputs are made, read
+    again before the model is handed back (evaluation, quantization)."""
+    from lowbit.runner import run_blocks
+
+    tok = lowbit.load(str(tiny_dir))[1]
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(len(tok))
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 0.5)
+    model.save_pretrained(tmp_path / "m")
+    whole = _hf_model(tmp_path / "m")
+    streamed = load_streamed(tmp_path / "m", "untied")
+    assert streamed.lm_head.weight is not streamed.model.embed_tokens.weight
+    seen = []
+    run_blocks(streamed, lambda ctx: seen.append(is_meta(streamed.model.embed_tokens.weight)), calib(len(tok)))
+    assert seen == [True, True]  # dropped during the block loop
+    evals = calib(len(tok), n=2, length=24, seed=4)
+    a, b = evaluate(whole, evals), evaluate(streamed, evals)
+    assert b.window_nll == pytest.approx(a.window_nll, rel=1e-6)
+    assert not is_meta(streamed.model.embed_tokens.weight)  # complete again afterwards
+
+
+def _hf_model(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

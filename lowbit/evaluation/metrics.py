@@ -104,9 +104,15 @@ def evaluate(
         raise LowbitError(f"evaluation needs windows of at least 2 tokens, got shape {tuple(windows.shape)}")
     from ..models.stream import blockwise
 
+    from ..models.stream import stream_of
+
     model.eval()
-    with contextlib.nullcontext() if blockwise(model) else dequant_cache(model):  # block-wise: a block's cache at a time
-        return _evaluate(model, windows, reference, record_to, record_meta, protocol, progress, batch_size)
+    try:
+        with contextlib.nullcontext() if blockwise(model) else dequant_cache(model):  # block-wise: a block's cache at a time
+            return _evaluate(model, windows, reference, record_to, record_meta, protocol, progress, batch_size)
+    finally:
+        if stream_of(model) is not None:
+            stream_of(model).load_rest(model)  # the input embedding, dropped after its use: the model stays complete
 
 
 def _streamed_body(model, windows, progress):

@@ -6,7 +6,8 @@ from the config (no weights read):
 - process: Python, torch and transformers once imported (measured: 0.25 GB);
 - tokenizer: about 1.3 kB per vocabulary entry (measured: Gemma 3's 262,144 entries take
   0.34 GB);
-- embeddings: float32, the LM head again when it is not tied;
+- embeddings: one vocabulary x hidden matrix in float32: the LM head (an untied input
+  embedding is dropped once the first block's inputs are made, and read again after);
 - float blocks: one block's float32 weights when streamed (the block being quantized), all
   of them when the model is loaded whole;
 - quantized blocks: the codes of the blocks already done, one byte per weight in memory
@@ -89,7 +90,7 @@ def quantize_peak(shapes: Shapes, method: str, n_calib: int = 32, calib_len: int
     parts = {
         "process": PROCESS_BYTES,
         "tokenizer": TOKENIZER_BYTES_PER_TOKEN * s.vocab,
-        "embeddings": 4 * s.vocab * s.hidden * (1 if s.tied else 2),
+        "embeddings": 4 * s.vocab * s.hidden * (1 if s.tied or stream else 2),
         "float blocks": 4 * s.block_params * (1 if stream else s.layers),
         "quantized blocks": per_weight * s.block_params * (s.layers - 1),
         "calibration": 2 * 4 * tokens * s.hidden,
@@ -108,7 +109,7 @@ def eval_peak(shapes: Shapes, quantized: bool = True, group_size: int = 64) -> d
     parts = {
         "process": PROCESS_BYTES,
         "tokenizer": TOKENIZER_BYTES_PER_TOKEN * s.vocab,
-        "embeddings": 4 * s.vocab * s.hidden * (1 if s.tied else 2),
+        "embeddings": 4 * s.vocab * s.hidden,
         "quantized blocks": per_weight * s.block_params * s.layers if quantized else 0.0,
         "float blocks": 4 * s.block_params,
         "head": 4 * 3 * 128 * s.vocab,  # logits, log-probabilities, the reference's tail probabilities

@@ -204,6 +204,25 @@ class WeightStream:
 
                 release_free_memory()  # else glibc keeps the block's freed pages and activations: 20 MB more per block on Gemma-3-270M
 
+    def load_rest(self, model: nn.Module) -> None:
+        """Read what is on disk outside the decoder blocks (an input embedding dropped by
+        ``drop_input_embedding``)."""
+        from .arch import decoder_layers
+
+        _, layers = decoder_layers(model)
+        self.load(model, "", skip={id(p) for p in layers.parameters()})
+
+    def drop_input_embedding(self, model: nn.Module) -> None:
+        """Put the input embedding back on disk once the first block's inputs are made,
+        unless the LM head shares it (Qwen2.5-1.5B's untied embedding is 0.9 GB)."""
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if head is not None and head.weight is emb.weight:
+            return
+        self.unload(emb)
+        from .loader import release_free_memory
+
+        release_free_memory()
+
     def load_all(self, model: nn.Module) -> None:
         """Read everything still on disk: the model becomes an ordinary one."""
         self.load(model, "")
@@ -232,7 +251,7 @@ def load_streamed(folder: str | Path, what: str) -> nn.Module:
     stream.check_finite()
     _, layers = decoder_layers(model)
     inside = {id(p) for p in layers.parameters()}
-    stream.load(model, "", skip=inside)  # everything but the blocks, now
+    stream.load(model, "", skip=inside)  # everything but the blocks, now (the embedding is dropped after use)
     setattr(model, STREAM_ATTR, stream)
     model.eval()
     return model
@@ -251,7 +270,11 @@ def streamed_hidden(model: nn.Module, windows: torch.Tensor, batch: int = 1, pro
     stream = stream_of(model)
     prefix, layers = decoder_layers(model)
     with torch.no_grad():
+        if stream is not None:
+            stream.load_rest(model)
         hidden, kwargs = capture_layer_inputs(model, layers, windows)
+        if stream is not None:
+            stream.drop_input_embedding(model)
         n = hidden.shape[0]
         steps = range(len(layers))
         for i in progress(steps) if progress else steps:
