@@ -78,7 +78,7 @@ def run_row(model: str, row: str, threads: int, work: Path) -> dict:
         lines = [ln.strip(" │╭╮╰╯─") for ln in res.stderr.splitlines()]
         said = [ln for ln in lines if "rror" in ln] or [ln for ln in lines if ln] or ["?"]
         return {"error": said[-1], "command": "lowbit " + " ".join(args)}
-    row_out = {"command": "lowbit " + " ".join(args), **m}
+    row_out = {"command": "lowbit " + " ".join(args), "peak_rss_mb": m["peak_rss_mb"], "wall_s": m["wall_s"]}
     if row.startswith("eval"):
         r = json.loads(js.read_text())["result"]
         row_out.update(ppl=r["ppl"], seconds=r["seconds"])
@@ -108,10 +108,10 @@ def main() -> None:
         float32_folder(model)  # made once (and not measured): every row reads this copy
         for row in args.rows:
             with tempfile.TemporaryDirectory() as tmp:
-                start = time.strftime("%Y-%m-%d %H:%M")
+                start, version = time.strftime("%Y-%m-%d %H:%M"), code_version()  # the code the row runs
                 r = run_row(model, row, args.threads, Path(tmp))
                 load = os.getloadavg()[0]
-            r.update(date=start, load_after=round(load, 2), code=code_version(), threads=args.threads,
+            r.update(date=start, load_after=round(load, 2), code=version, threads=args.threads,
                      machine=f"{platform.machine()}, {os.cpu_count()} cores")
             result["rows"][f"{model} | {row}"] = r
             print(json.dumps({"row": f"{model} | {row}", **r}), flush=True)
