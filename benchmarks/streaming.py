@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -141,7 +142,8 @@ def write_markdown(result: dict) -> None:
         top1 = f"{100 * r['top1']:.2f}%" if r.get("top1") is not None else ""
         qs = f"{r['quantize_s']:.0f}" if "quantize_s" in r else ""
         ppl = f"{r['ppl']:.3f}" + (f" (float {r['original_ppl']:.3f})" if "original_ppl" in r else "")
-        lines.append(f"| {model} | `{r['command'].split(' -q')[0]}` | {ppl} | {kl} | {top1} | {qs} | {r['wall_s']:.0f} | "
+        shown = re.sub(r"-o \S+", "-o OUT", r["command"].split(" -q")[0])
+        lines.append(f"| {model} | `{shown}` | {ppl} | {kl} | {top1} | {qs} | {r['wall_s']:.0f} | "
                      f"{r['peak_rss_mb']:,.0f} | {pred} | {r['date']}, {r['threads']} threads, load {r['load_after']}, {r['code']} |")
     lines += [
         "",
