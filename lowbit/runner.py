@@ -193,7 +193,7 @@ def run_blocks(
     try:
         prefix, layers = decoder_layers(model)
         if stream is not None:
-            stream.load_rest(model)
+            stream.before_blocks(model)
         hidden, layer_kwargs = capture_layer_inputs(model, layers, windows) if windows is not None else (None, None)
         if stream is not None:
             stream.drop_input_embedding(model)  # read again when needed (an evaluation, the checkpoint)

@@ -212,9 +212,11 @@ def test_an_untied_input_embedding_waits_on_disk_between_uses(tmp_path, tiny_dir
     whole = _hf_model(tmp_path / "m")
     streamed = load_streamed(tmp_path / "m", "untied")
     assert streamed.lm_head.weight is not streamed.model.embed_tokens.weight
+    assert is_meta(streamed.lm_head.weight)  # an untied head waits on disk until the head runs
     seen = []
-    run_blocks(streamed, lambda ctx: seen.append(is_meta(streamed.model.embed_tokens.weight)), calib(len(tok)))
-    assert seen == [True, True]  # dropped during the block loop
+    run_blocks(streamed, lambda ctx: seen.append((is_meta(streamed.model.embed_tokens.weight), is_meta(streamed.lm_head.weight))),
+               calib(len(tok)))
+    assert seen == [(True, True), (True, True)]  # neither vocabulary matrix during the block loop
     evals = calib(len(tok), n=2, length=24, seed=4)
     a, b = evaluate(whole, evals), evaluate(streamed, evals)
     assert b.window_nll == pytest.approx(a.window_nll, rel=1e-6)

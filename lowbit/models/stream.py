@@ -204,21 +204,31 @@ class WeightStream:
 
                 release_free_memory()  # else glibc keeps the block's freed pages and activations: 20 MB more per block on Gemma-3-270M
 
-    def load_rest(self, model: nn.Module) -> None:
-        """Read what is on disk outside the decoder blocks (an input embedding dropped by
-        ``drop_input_embedding``)."""
+    def load_rest(self, model: nn.Module, head: bool = True) -> None:
+        """Read what is on disk outside the decoder blocks (what ``before_blocks`` and
+        ``drop_input_embedding`` dropped); head=False leaves an untied LM head on disk."""
         from .arch import decoder_layers
 
         _, layers = decoder_layers(model)
-        self.load(model, "", skip={id(p) for p in layers.parameters()})
+        skip = {id(p) for p in layers.parameters()}
+        if not head and _untied_head(model) is not None:
+            skip.add(id(_untied_head(model).weight))
+        self.load(model, "", skip=skip)
+
+    def before_blocks(self, model: nn.Module) -> None:
+        """What making the first block's inputs needs, and no more: everything outside
+        the blocks but an untied LM head (Qwen2.5-1.5B's is 0.9 GB), which waits on disk."""
+        head = _untied_head(model)
+        if head is not None:
+            self.unload(head)
+        self.load_rest(model, head=False)
 
     def drop_input_embedding(self, model: nn.Module) -> None:
-        """Put the input embedding back on disk once the first block's inputs are made,
-        unless the LM head shares it (Qwen2.5-1.5B's untied embedding is 0.9 GB)."""
-        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-        if head is not None and head.weight is emb.weight:
+        """Put an untied input embedding back on disk once the first block's inputs are
+        made (0.9 GB for Qwen2.5-1.5B)."""
+        if _untied_head(model) is None:
             return
-        self.unload(emb)
+        self.unload(model.get_input_embeddings())
         from .loader import release_free_memory
 
         release_free_memory()
@@ -230,12 +240,16 @@ class WeightStream:
             delattr(model, STREAM_ATTR)
 
 
+def _untied_head(model: nn.Module) -> nn.Module | None:
+    """The LM head when it does not share the input embedding's weight, else None."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    return None if head is None or head.weight is emb.weight else head
+
+
 def load_streamed(folder: str | Path, what: str) -> nn.Module:
     """A float32 causal LM from a Hugging Face folder, its decoder blocks left on disk."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .arch import decoder_layers
 
     folder = Path(folder)
     try:
@@ -249,9 +263,7 @@ def load_streamed(folder: str | Path, what: str) -> nn.Module:
     model.tie_weights()  # built empty, a tied head is its own meta tensor until tied again
     stream = WeightStream(folder, what)
     stream.check_finite()
-    _, layers = decoder_layers(model)
-    inside = {id(p) for p in layers.parameters()}
-    stream.load(model, "", skip=inside)  # everything but the blocks, now (the embedding is dropped after use)
+    stream.before_blocks(model)  # everything but the blocks and an untied head, now
     setattr(model, STREAM_ATTR, stream)
     model.eval()
     return model
@@ -271,7 +283,7 @@ def streamed_hidden(model: nn.Module, windows: torch.Tensor, batch: int = 1, pro
     prefix, layers = decoder_layers(model)
     with torch.no_grad():
         if stream is not None:
-            stream.load_rest(model)
+            stream.before_blocks(model)
         hidden, kwargs = capture_layer_inputs(model, layers, windows)
         if stream is not None:
             stream.drop_input_embedding(model)
@@ -282,4 +294,6 @@ def streamed_hidden(model: nn.Module, windows: torch.Tensor, batch: int = 1, pro
             with cm, dequant_cache(layers[i]):
                 hidden = torch.cat([_first(layers[i](hidden[a : a + batch], **_rows(kwargs[i], n, a, a + batch)))
                                     for a in range(0, n, batch)])
+        if stream is not None:
+            stream.load_rest(model)  # the head, now that the input embedding is off again
         return model.model.norm(hidden)
